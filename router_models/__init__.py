@@ -1,0 +1,1 @@
+"""Router training and evaluation (RouterDC); the serving side loads artifacts through coe."""

@@ -227,6 +227,9 @@ class EmbeddingRouterConfig(StrictModel):
     min_similarity: float = Field(
         0.15, ge=-1.0, le=1.0, description="Below this best cosine similarity, use the fallback."
     )
+    min_confidence: float = Field(
+        0.5, ge=0.0, le=1.0, description="Below this softmax confidence, use the fallback."
+    )
     temperature: float = Field(0.05, gt=0.0, description="Softmax temperature for confidence.")
 
 

@@ -61,11 +61,17 @@ class ContextLengthExceededError(InvalidRequestError):
     default_code = "context_length_exceeded"
 
 
-class ModelNotFoundError(CoeError):
-    """The `model` field names neither `coe-auto` nor a configured expert."""
+class NotFoundError(CoeError):
+    """No such route or resource."""
 
     status_code = 404
     error_type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    """The `model` field names neither `coe-auto` nor a configured expert."""
+
     default_code = "model_not_found"
 
 

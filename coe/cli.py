@@ -1,0 +1,184 @@
+"""The `coe` command line: serve, status, chat.
+
+This is the top-level composer: `coe serve` imports the app builder from `deployments/` lazily,
+inside the command, so the library itself never imports the serving graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _loopback_ray_env() -> None:
+    """Keep every Ray process on 127.0.0.1 (Ray otherwise binds the machine's external address)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def start_local_serve(config_ref: str, *, port: int | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """Start a local Ray bound to loopback, deploy coe, wait until ready. Returns {url, app_name}."""
+    _loopback_ray_env()
+    import ray
+    from ray import serve
+
+    from coe.config import load_config
+    from deployments.app import build_from_config
+
+    config = load_config(config_ref)
+    if port is not None:
+        config.server.port = port
+    ray.init(
+        num_cpus=num_cpus,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+    serve.start(http_options={"host": config.server.host, "port": config.server.port})
+    serve.run(build_from_config(config), name=config.app_name, route_prefix="/", blocking=False)
+    host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
+    return {"url": f"http://{host}:{config.server.port}", "app_name": config.app_name}
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    t0 = time.time()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        info = start_local_serve(args.config, port=args.port, num_cpus=args.num_cpus)
+        ok = _wait_ready(info["url"], timeout=args.ready_timeout)
+        print(f"coe is serving at {info['url']}/v1 ({'ready' if ok else 'NOT ready'} after {time.time() - t0:.1f}s)")
+        print(f"  try: coe chat 'Write a Python function that reverses a string' --url {info['url']}")
+        print("  Ray dashboard: http://127.0.0.1:8265   stop: Ctrl-C", flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("shutting down coe ...", flush=True)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def _wait_ready(url: str, timeout: float) -> bool:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import httpx
+
+    try:
+        ready = httpx.get(f"{args.url}/ready", timeout=10)
+        models = httpx.get(f"{args.url}/v1/models", timeout=10).json()
+    except httpx.HTTPError as err:
+        print(f"coe is not reachable at {args.url}: {err}", file=sys.stderr)
+        return 1
+    state = ready.json()
+    print(f"coe at {args.url}: {'READY' if state.get('ready') else 'NOT READY'}")
+    info = {m["id"]: m for m in models.get("data", [])}
+    print(f"{'expert':<16}{'status':<14}{'replicas':>9}  {'engine':<10}{'$/1k tok':>9}  description")
+    for name, e in state.get("experts", {}).items():
+        m = info.get(name, {})
+        print(f"{name:<16}{e['status']:<14}{e['running_replicas']:>9}  {m.get('engine', '?'):<10}"
+              f"{m.get('price_per_1k_tokens', 0):>9.4f}  {m.get('description', '')}")
+    return 0 if state.get("ready") else 2
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import httpx
+
+    body: dict[str, Any] = {
+        "model": args.model,
+        "messages": [{"role": "user", "content": args.message}],
+        "max_tokens": args.max_tokens,
+        "stream": True,
+    }
+    try:
+        with httpx.stream("POST", f"{args.url}/v1/chat/completions", json=body, timeout=300) as r:
+            if r.status_code != 200:
+                r.read()
+                print(f"error {r.status_code}: {r.text}", file=sys.stderr)
+                return 1
+            print(f"[{r.headers.get('x-coe-expert')} | confidence {r.headers.get('x-coe-confidence', '-')}"
+                  f" | {r.headers.get('x-coe-route-reason', 'pinned')}]")
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    print(f"\nerror: {chunk['error']['message']}", file=sys.stderr)
+                    return 1
+                for choice in chunk.get("choices", []):
+                    print(choice.get("delta", {}).get("content") or "", end="", flush=True)
+            print()
+    except httpx.HTTPError as err:
+        print(f"coe is not reachable at {args.url}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coe", description="Composition-of-Experts LLM serving on Ray Serve.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="start a local Ray on loopback and serve the experts")
+    s.add_argument("--config", default="cpu-default", help="config file or packaged name (default: cpu-default)")
+    s.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
+    s.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    s.add_argument("--ready-timeout", type=float, default=300.0)
+    s.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("status", help="readiness and experts of a running coe")
+    st.add_argument("--url", default=DEFAULT_URL)
+    st.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("chat", help="send one chat message and stream the answer")
+    c.add_argument("message")
+    c.add_argument("--model", default="coe-auto")
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--url", default=DEFAULT_URL)
+    c.set_defaults(func=cmd_chat)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except Exception as err:  # noqa: BLE001 - a CLI prints a clear line, not a traceback
+        from coe.errors import CoeError
+
+        if isinstance(err, CoeError):
+            print(f"coe: {err.message}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

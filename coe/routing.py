@@ -1,0 +1,124 @@
+"""The router interface and the first real router (nearest expert by sentence embedding).
+
+A router maps query text to one expert name with per-expert scores. The trained RouterDC router
+(router_models/) implements the same interface and replaces this one.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from coe.config import CoeConfig
+from coe.encoder import SentenceEncoder
+
+
+@dataclass
+class RoutingDecision:
+    """Which expert answers, and why."""
+
+    expert: str
+    scores: dict[str, float]
+    confidence: float
+    reason: str
+    ood: bool = False
+    threshold: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Router(abc.ABC):
+    """Picks one expert per query."""
+
+    @abc.abstractmethod
+    def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
+        """Decisions for a batch of queries, in order."""
+
+    def route(self, query: str, *, threshold: float | None = None) -> RoutingDecision:
+        """The decision for one query."""
+        return self.route_batch([query], threshold=threshold)[0]
+
+
+def _softmax(x: np.ndarray, temperature: float) -> np.ndarray:
+    z = (x - x.max(axis=-1, keepdims=True)) / temperature
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class EmbeddingRouter(Router):
+    """Nearest expert: cosine similarity of the query to each expert's description and examples.
+
+    An expert's score is its best similarity over its reference texts; softmax over scores gives
+    the confidence. Below `min_similarity` (far from every expert) or `min_confidence` (no clear
+    winner) the query goes to the fallback expert, as Samba-CoE does.
+    """
+
+    def __init__(self, config: CoeConfig, encoder: SentenceEncoder | None = None) -> None:
+        rc = config.router
+        self._encoder = encoder or SentenceEncoder(rc.encoder)
+        self._experts = [e.name for e in config.experts]
+        self._fallback = rc.fallback_expert
+        self._min_similarity = rc.min_similarity
+        self._temperature = rc.temperature
+        self._min_confidence = rc.min_confidence
+        texts: list[str] = []
+        owner: list[int] = []
+        for i, e in enumerate(config.experts):
+            refs = [e.description, *(f"{d} question" for d in e.domains), *e.examples]
+            texts.extend(refs)
+            owner.extend([i] * len(refs))
+        self._refs = self._encoder.encode(texts)
+        self._owner = np.asarray(owner)
+
+    @property
+    def experts(self) -> list[str]:
+        return list(self._experts)
+
+    def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
+        q = self._encoder.encode(queries)
+        sims = q @ self._refs.T  # (n, refs)
+        scores = np.full((len(queries), len(self._experts)), -1.0, dtype=np.float32)
+        for k in range(len(self._experts)):
+            scores[:, k] = sims[:, self._owner == k].max(axis=1)
+        probs = _softmax(scores, self._temperature)
+        out = []
+        for row, p in zip(scores, probs):
+            best = int(row.argmax())
+            per = {name: round(float(s), 4) for name, s in zip(self._experts, row)}
+            reason = None
+            if float(row[best]) < self._min_similarity:
+                reason = f"fallback:low_similarity<{self._min_similarity}"
+            elif float(p[best]) < self._min_confidence:
+                reason = f"fallback:low_confidence<{self._min_confidence}"
+            if reason is not None:
+                out.append(
+                    RoutingDecision(
+                        expert=self._fallback,
+                        scores=per,
+                        confidence=float(p[best]),
+                        reason=reason,
+                        ood=reason.startswith("fallback:low_similarity"),
+                        threshold=threshold,
+                    )
+                )
+            else:
+                out.append(
+                    RoutingDecision(
+                        expert=self._experts[best],
+                        scores=per,
+                        confidence=float(p[best]),
+                        reason="nearest_expert",
+                        threshold=threshold,
+                    )
+                )
+        return out
+
+
+def build_router(config: CoeConfig) -> Router:
+    """The router the config asks for."""
+    return EmbeddingRouter(config)

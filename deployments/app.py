@@ -1,0 +1,67 @@
+"""The app builder: one deployment per expert bound into the ingress.
+
+Usable by `serve run deployments.app:build_app config=cpu-default`, by a Serve config file
+(`import_path: deployments.app:build_app`, `args: {config: ...}`) and by KubeRay's serveConfigV2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from coe.config import CoeConfig, load_config, parse_config
+from deployments.expert import ExpertServer, expert_deployment_options
+from deployments.ingress import CoeIngress
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`build_app`. Give a config path/name, or the config inline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str | None = Field(
+        None, description="Path of a coe YAML config, or a packaged name (cpu-default, gpu-experts)."
+    )
+    config_inline: dict[str, Any] | None = Field(None, description="The config itself (as serveConfigV2 carries it).")
+
+    def load(self) -> CoeConfig:
+        if self.config_inline is not None:
+            if self.config is not None:
+                raise ValueError("give either config or config_inline, not both")
+            return parse_config(self.config_inline, "<config_inline>")
+        return load_config(self.config or "cpu-default")
+
+
+def ingress_deployment_options(config: CoeConfig) -> dict[str, Any]:
+    """Ray Serve options for the ingress deployment."""
+    s = config.server
+    opts: dict[str, Any] = {
+        "name": "CoeIngress",
+        "ray_actor_options": {"num_cpus": s.ingress_num_cpus},
+        "max_ongoing_requests": s.max_ongoing_requests,
+    }
+    auto = s.ingress_autoscaling
+    if auto.min_replicas == auto.max_replicas:
+        opts["num_replicas"] = auto.min_replicas
+    else:
+        opts["autoscaling_config"] = auto.to_serve()
+    return opts
+
+
+def build_from_config(config: CoeConfig) -> Application:
+    """The Serve application for a validated config."""
+    handles = {
+        e.name: serve.deployment(ExpertServer).options(**expert_deployment_options(e)).bind(e.model_dump())
+        for e in config.experts
+    }
+    ingress = serve.deployment(CoeIngress).options(**ingress_deployment_options(config))
+    return ingress.bind(config.model_dump(), handles)
+
+
+def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:
+    """Ray Serve app builder (the entry point for `serve run` / serve config files)."""
+    parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    return build_from_config(parsed.load())

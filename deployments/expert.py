@@ -1,0 +1,69 @@
+"""One Ray Serve deployment per expert: owns an engine and answers generate / stream calls."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from coe.config import ExpertConfig
+from coe.engines import EnginePrompt, SamplingParams, make_engine
+
+logger = logging.getLogger("ray.serve")
+
+
+class ExpertServer:
+    """An expert replica. Requests arrive already validated and mapped by the ingress."""
+
+    async def __init__(self, expert: dict[str, Any]) -> None:
+        self.config = ExpertConfig.model_validate(expert)
+        self.engine = make_engine(self.config)
+        await self.engine.start()
+
+    async def generate(self, prompt: EnginePrompt, params: SamplingParams) -> dict[str, Any]:
+        """A whole completion: {text, prompt_tokens, completion_tokens, finish_reason}."""
+        result = await self.engine.generate(prompt, params)
+        return {
+            "text": result.text,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "finish_reason": result.finish_reason,
+        }
+
+    async def stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[dict[str, Any]]:
+        """Deltas; the last one carries finish_reason and the token counts."""
+        async for chunk in self.engine.stream(prompt, params):
+            yield {
+                "text": chunk.text,
+                "finish_reason": chunk.finish_reason,
+                "prompt_tokens": chunk.prompt_tokens,
+                "completion_tokens": chunk.completion_tokens,
+            }
+
+    async def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising marks the replica unhealthy."""
+        await self.engine.check_health()
+
+    async def __del__(self) -> None:  # noqa: D105 - Serve calls it at replica shutdown
+        await self.engine.shutdown()
+
+
+def expert_deployment_options(expert: ExpertConfig) -> dict[str, Any]:
+    """Ray Serve options for an expert's deployment, from its config."""
+    actor: dict[str, Any] = {"num_cpus": expert.resources.num_cpus, "num_gpus": expert.resources.num_gpus}
+    if expert.resources.memory_gb:
+        actor["memory"] = int(expert.resources.memory_gb * 1024**3)
+    auto = expert.autoscaling
+    opts: dict[str, Any] = {
+        "name": expert.name,
+        "ray_actor_options": actor,
+        "max_ongoing_requests": expert.max_ongoing_requests,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 30,
+    }
+    if auto.min_replicas == auto.max_replicas:
+        opts["num_replicas"] = auto.min_replicas
+    else:
+        opts["autoscaling_config"] = auto.to_serve()
+    return opts

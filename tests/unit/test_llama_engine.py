@@ -1,0 +1,79 @@
+"""LlamaCppEngine on the real SmolLM2-135M GGUF: counts, determinism, concurrency, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from coe.config import load_config
+from coe.engines import EnginePrompt, SamplingParams
+from coe.engines.llama_cpp import LlamaCppEngine
+from coe.errors import ContextLengthExceededError
+
+PROMPT = EnginePrompt(messages=({"role": "user", "content": "List three colours."},))
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, top_p=1.0)
+
+
+@pytest.fixture(scope="module")
+def engine() -> LlamaCppEngine:
+    eng = LlamaCppEngine(load_config("cpu-default").expert("general"))
+    asyncio.run(eng.start())
+    return eng
+
+
+async def test_generate_counts_real_tokens(engine: LlamaCppEngine) -> None:
+    r = await engine.generate(PROMPT, GREEDY)
+    assert r.text
+    assert r.prompt_tokens == len(engine.tokenize_prompt(PROMPT))
+    assert 0 < r.completion_tokens <= 24
+    assert r.finish_reason in ("stop", "length")
+    if r.finish_reason == "length":
+        assert r.completion_tokens == 24
+
+
+async def test_max_tokens_is_honoured(engine: LlamaCppEngine) -> None:
+    r = await engine.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0.0, top_p=1.0))
+    assert r.completion_tokens == 3 and r.finish_reason == "length"
+
+
+async def test_stop_string_is_not_emitted(engine: LlamaCppEngine) -> None:
+    full = (await engine.generate(PROMPT, GREEDY)).text
+    word = full.split()[1]
+    cut = await engine.generate(PROMPT, SamplingParams(max_tokens=24, temperature=0.0, top_p=1.0, stop=(word,)))
+    assert word not in cut.text and cut.finish_reason == "stop"
+    assert full.startswith(cut.text)
+
+
+async def test_concurrent_requests_are_serialised_not_crashed(engine: LlamaCppEngine) -> None:
+    ref = await engine.generate(PROMPT, GREEDY)
+    results = await asyncio.gather(*[engine.generate(PROMPT, GREEDY) for _ in range(6)])
+    assert all(r.text == ref.text for r in results)
+
+
+async def test_stream_joins_to_generate(engine: LlamaCppEngine) -> None:
+    ref = await engine.generate(PROMPT, GREEDY)
+    chunks = [c async for c in engine.stream(PROMPT, GREEDY)]
+    assert "".join(c.text for c in chunks) == ref.text
+    assert chunks[-1].finish_reason == ref.finish_reason
+    assert chunks[-1].completion_tokens == ref.completion_tokens
+
+
+async def test_cancelled_stream_frees_the_model(engine: LlamaCppEngine) -> None:
+    async def consume() -> None:
+        async for _ in engine.stream(PROMPT, SamplingParams(max_tokens=400, temperature=0.8, top_p=0.9)):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    r = await asyncio.wait_for(engine.generate(PROMPT, GREEDY), timeout=30)
+    assert r.text
+
+
+async def test_prompt_over_context_is_refused(engine: LlamaCppEngine) -> None:
+    long = EnginePrompt(messages=({"role": "user", "content": "word " * 2500},))
+    with pytest.raises(ContextLengthExceededError, match="2048"):
+        await engine.generate(long, GREEDY)

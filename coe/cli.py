@@ -24,7 +24,9 @@ def _loopback_ray_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def start_local_serve(config_ref: str, *, port: int | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+def start_local_serve(
+    config_ref: str, *, port: int | None = None, num_cpus: int | None = None, dashboard: bool = True
+) -> dict[str, Any]:
     """Start a local Ray bound to loopback, deploy coe, wait until ready. Returns {url, app_name}."""
     _loopback_ray_env()
     import ray
@@ -39,7 +41,7 @@ def start_local_serve(config_ref: str, *, port: int | None = None, num_cpus: int
     ray.init(
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
-        include_dashboard=True,
+        include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         configure_logging=True,
         logging_level="WARNING",

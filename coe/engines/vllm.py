@@ -1,0 +1,149 @@
+"""GPU engine over vLLM's async engine. vLLM is imported only when an expert starts.
+
+vLLM pins its own torch/transformers, so this module runs in the GPU worker image
+(`pip install coe[gpu]`), never in the CPU environment.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from coe.config import ExpertConfig
+from coe.engines.base import EnginePrompt, GenerationResult, SamplingParams, StreamChunk, check_context
+from coe.errors import GenerationError, ModelLoadError
+from coe.models import resolve_local_model
+
+logger = logging.getLogger(__name__)
+
+
+def vllm_available() -> bool:
+    """Whether vllm can be imported here."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMEngine:
+    """vLLM AsyncLLMEngine for one expert (tensor parallel inside the replica's GPUs)."""
+
+    def __init__(self, expert: ExpertConfig) -> None:
+        assert expert.vllm is not None
+        self._expert = expert
+        self._opts = expert.vllm
+        self._engine: Any = None
+        self._tokenizer: Any = None
+
+    @property
+    def context_length(self) -> int:
+        return self._opts.max_model_len
+
+    def engine_args(self) -> dict[str, Any]:
+        """Keyword arguments for vllm.AsyncEngineArgs (testable without vllm)."""
+        src = self._expert.source
+        model = src.hub if src.hub else str(resolve_local_model(src))
+        o = self._opts
+        args: dict[str, Any] = {
+            "model": model,
+            "served_model_name": [self._expert.name],
+            "tensor_parallel_size": o.tensor_parallel_size,
+            "pipeline_parallel_size": o.pipeline_parallel_size,
+            "max_model_len": o.max_model_len,
+            "gpu_memory_utilization": o.gpu_memory_utilization,
+            "dtype": o.dtype,
+            "enable_prefix_caching": o.enable_prefix_caching,
+            "max_num_seqs": o.max_num_seqs,
+            "enforce_eager": o.enforce_eager,
+            "trust_remote_code": o.trust_remote_code,
+        }
+        if src.revision:
+            args["revision"] = src.revision
+        if o.quantization:
+            args["quantization"] = o.quantization
+        if o.download_dir:
+            args["download_dir"] = o.download_dir
+        return args
+
+    async def start(self) -> None:
+        try:
+            from vllm import AsyncEngineArgs, AsyncLLMEngine
+        except ImportError as err:
+            raise ModelLoadError(
+                f"expert '{self._expert.name}' uses engine vllm but vllm is not installed here; run it on a "
+                "GPU worker image with `pip install coe[gpu]`"
+            ) from err
+        try:
+            self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**self.engine_args()))
+        except Exception as err:  # noqa: BLE001 - vLLM raises many types at load
+            raise ModelLoadError(f"vLLM could not load expert '{self._expert.name}': {err}") from err
+        tok = self._engine.get_tokenizer()
+        self._tokenizer = await tok if inspect.isawaitable(tok) else tok
+
+    def _prompt_ids(self, prompt: EnginePrompt) -> list[int]:
+        if prompt.messages is not None:
+            ids = self._tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        assert prompt.text is not None
+        return list(self._tokenizer.encode(prompt.text))
+
+    async def stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[StreamChunk]:
+        from vllm import SamplingParams as VllmSamplingParams
+
+        ids = self._prompt_ids(prompt)
+        check_context(len(ids), params.max_tokens, self.context_length)
+        sp = VllmSamplingParams(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=list(params.stop) or None,
+            seed=params.seed,
+        )
+        request_id = uuid.uuid4().hex
+        sent = 0
+        finished = False
+        try:
+            async for out in self._engine.generate({"prompt_token_ids": ids}, sp, request_id):
+                o = out.outputs[0]
+                if len(o.text) > sent:
+                    yield StreamChunk(text=o.text[sent:])
+                    sent = len(o.text)
+                if out.finished:
+                    finished = True
+                    reason = "length" if o.finish_reason == "length" else "stop"
+                    yield StreamChunk(
+                        text="", finish_reason=reason, prompt_tokens=len(ids), completion_tokens=len(o.token_ids)
+                    )
+        except GeneratorExit:
+            raise
+        except Exception as err:  # noqa: BLE001
+            if not finished:
+                raise GenerationError(f"vLLM generation failed: {type(err).__name__}: {err}") from err
+        finally:
+            if not finished:
+                await self._engine.abort(request_id)  # client gone: free the sequence's KV blocks
+
+    async def generate(self, prompt: EnginePrompt, params: SamplingParams) -> GenerationResult:
+        parts: list[str] = []
+        last = StreamChunk(text="")
+        async for chunk in self.stream(prompt, params):
+            parts.append(chunk.text)
+            last = chunk
+        assert last.finish_reason is not None
+        return GenerationResult("".join(parts), last.prompt_tokens, last.completion_tokens, last.finish_reason)
+
+    async def check_health(self) -> None:
+        if self._engine is None:
+            raise GenerationError(f"expert '{self._expert.name}' has no engine")
+        check = getattr(self._engine, "check_health", None)
+        if check is not None:
+            res = check()
+            if inspect.isawaitable(res):
+                await res
+
+    async def shutdown(self) -> None:
+        if self._engine is not None and hasattr(self._engine, "shutdown"):
+            self._engine.shutdown()
+        self._engine = None

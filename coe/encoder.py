@@ -22,7 +22,12 @@ def default_encoder_path() -> Path:
 class SentenceEncoder:
     """A CPU sentence encoder returning L2-normalised float32 embeddings."""
 
-    def __init__(self, model: str | None = None, *, device: str = "cpu") -> None:
+    def __init__(self, model: str | None = None, *, device: str = "cpu", threads: int | None = None) -> None:
+        import torch
+
+        # Ray sets OMP_NUM_THREADS from an actor's logical CPUs (1 for the 0.25-CPU ingress); one query's
+        # encoding is latency-bound, so give it the cores it may use (measured: 20 -> 15 ms on 2 cores).
+        torch.set_num_threads(threads or os.cpu_count() or 1)
         path = model or str(default_encoder_path())
         if Path(path).exists():
             # A local folder never needs the hub; keep transformers from trying.
@@ -39,6 +44,17 @@ class SentenceEncoder:
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Embeddings of shape (len(texts), dim), unit norm."""
+        if len(texts) <= batch_size:
+            # One forward pass for a request-sized batch: skips encode()'s sorting and bookkeeping
+            # (about 2 ms of a 12 ms decision on 2 cores).
+            import torch
+
+            with torch.inference_mode():
+                preprocess = getattr(self._model, "preprocess", None) or self._model.tokenize
+                features = preprocess(texts)
+                emb = self._model(features)["sentence_embedding"]
+                emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+            return emb.float().numpy()
         out = self._model.encode(
             texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
         )

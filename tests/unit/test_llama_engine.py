@@ -60,16 +60,20 @@ async def test_stream_joins_to_generate(engine: LlamaCppEngine) -> None:
 
 
 async def test_cancelled_stream_frees_the_model(engine: LlamaCppEngine) -> None:
+    long_prompt = EnginePrompt(messages=({"role": "user", "content": "Count from 1 to 1000, separated by commas."},))
+    first = asyncio.Event()
+
     async def consume() -> None:
-        async for _ in engine.stream(PROMPT, SamplingParams(max_tokens=400, temperature=0.8, top_p=0.9)):
-            pass
+        async for _ in engine.stream(long_prompt, SamplingParams(max_tokens=1500, temperature=0.0, top_p=1.0)):
+            first.set()
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(first.wait(), timeout=30)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    r = await asyncio.wait_for(engine.generate(PROMPT, GREEDY), timeout=30)
+    # 1500 tokens take ~20 s here; the lock must be free long before that.
+    r = await asyncio.wait_for(engine.generate(PROMPT, GREEDY), timeout=5)
     assert r.text
 
 

@@ -94,9 +94,9 @@ class CoeIngress:
         self.experts = {e.name: e for e in self.config.experts}
         self.handles = dict(expert_handles)
         self.stream_handles = {name: h.options(stream=True) for name, h in self.handles.items()}
-        loop = asyncio.get_running_loop()
-        # The encoder load takes ~1 s of CPU; keep the replica's loop free meanwhile.
-        self.router: Router = await loop.run_in_executor(None, build_router, self.config)
+        # Built on the replica's main thread: torch's thread count set there is what the routing
+        # threads inherit (measured: routing 23 ms when built in an executor thread, vs ~12 ms).
+        self.router: Router = build_router(self.config)
 
     # ---------- request handling ----------
 
@@ -125,7 +125,9 @@ class CoeIngress:
             if not 0.0 <= threshold <= 1.0:
                 raise InvalidRequestError("threshold must be within [0, 1]", param="model")
         loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
         decision = await loop.run_in_executor(None, lambda: self.router.route(query, threshold=threshold))
+        decision.extra["route_ms"] = (time.perf_counter() - t0) * 1e3
         return decision.expert, decision
 
     async def _prepare(self, req: ChatCompletionRequest | CompletionRequest) -> _Prepared:
@@ -143,6 +145,7 @@ class CoeIngress:
         if prep.decision is not None:
             h["x-coe-confidence"] = f"{prep.decision.confidence:.4f}"
             h["x-coe-route-reason"] = prep.decision.reason
+            h["x-coe-route-ms"] = f"{prep.decision.extra['route_ms']:.2f}"
             if prep.decision.threshold is not None:
                 h["x-coe-threshold"] = f"{prep.decision.threshold:g}"
         return h

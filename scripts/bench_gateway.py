@@ -93,6 +93,7 @@ async def run_pairs(
                 res = await handles[expert].generate.remote(prompt, params)
                 direct = time.perf_counter() - t0
             out.append({"gateway_ms": gw * 1e3, "direct_ms": direct * 1e3, "overhead_ms": (gw - direct) * 1e3,
+                        "route_ms": float(r.headers.get("x-coe-route-ms", 0.0)),
                         "completion_tokens": res["completion_tokens"]})
             bar.update(1)
 
@@ -165,13 +166,14 @@ def main() -> None:
     print(f"\nGateway overhead, {args.config}, max_tokens={args.max_tokens}, {args.requests} pairs per level "
           f"(overhead = coe-auto over HTTP minus the same request on the expert's handle)")
     print("(auto: model coe-auto, includes routing; pinned: model=<expert>, HTTP + ingress + handle hop only)")
-    print("| run | gateway p50 ms | direct p50 ms | overhead p50 ms | overhead p99 ms | gateway/direct p50 |")
-    print("|---|---|---|---|---|---|")
+    print("| run | gateway p50 ms | direct p50 ms | overhead p50 ms | overhead p99 ms | routing p50 ms | gateway/direct p50 |")
+    print("|---|---|---|---|---|---|---|")
     for c, rows in results.items():
         gw = [r["gateway_ms"] for r in rows]
         d = [r["direct_ms"] for r in rows]
         ov = [r["overhead_ms"] for r in rows]
-        print(f"| {c} | {pct(gw, 50):.1f} | {pct(d, 50):.1f} | {pct(ov, 50):.1f} | {pct(ov, 99):.1f} | "
+        rt = [r["route_ms"] for r in rows]
+        print(f"| {c} | {pct(gw, 50):.1f} | {pct(d, 50):.1f} | {pct(ov, 50):.1f} | {pct(ov, 99):.1f} | {pct(rt, 50):.1f} | "
               f"{pct(gw, 50) / pct(d, 50):.2f}x |")
     print(f"\nCPU engine decode speed (expert 'general', {int(speed['tokens'])} tokens, greedy, median of 3): "
           f"direct {speed['direct_tps']:.1f} tok/s, through the gateway {speed['gateway_tps']:.1f} tok/s")

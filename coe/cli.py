@@ -46,7 +46,13 @@ def start_local_serve(
         configure_logging=True,
         logging_level="WARNING",
     )
-    serve.start(http_options={"host": config.server.host, "port": config.server.port})
+    serve.start(
+        http_options={
+            "host": config.server.host,
+            "port": config.server.port,
+            "request_timeout_s": config.server.request_timeout_s,
+        }
+    )
     serve.run(build_from_config(config), name=config.app_name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
     return {"url": f"http://{host}:{config.server.port}", "app_name": config.app_name}

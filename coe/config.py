@@ -172,7 +172,12 @@ class ExpertConfig(StrictModel):
     price_per_1k_tokens: float = Field(ge=0.0, description="USD per 1k tokens (prompt + completion).")
     sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    max_ongoing_requests: int = Field(8, ge=1)
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int = Field(
+        256,
+        ge=-1,
+        description="Requests waiting for a replica (per caller) before new ones get 429; -1: unbounded.",
+    )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     llama_cpp: LlamaCppOptions | None = None
     vllm: VLLMOptions | None = None
@@ -238,7 +243,7 @@ class ServerConfig(StrictModel):
 
     host: str = Field("127.0.0.1", description="Bind address of Ray Serve's HTTP proxy.")
     port: int = Field(8000, ge=1, le=65535)
-    request_timeout_s: float = Field(300.0, gt=0.0)
+    request_timeout_s: float = Field(300.0, gt=0.0, description="End-to-end HTTP timeout (Serve's proxy).")
     max_ongoing_requests: int = Field(256, ge=1, description="Per ingress replica.")
     ingress_num_cpus: float = Field(0.25, ge=0.0)
     ingress_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)

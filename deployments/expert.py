@@ -58,6 +58,7 @@ def expert_deployment_options(expert: ExpertConfig) -> dict[str, Any]:
         "name": expert.name,
         "ray_actor_options": actor,
         "max_ongoing_requests": expert.max_ongoing_requests,
+        "max_queued_requests": expert.max_queued_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 30,

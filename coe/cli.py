@@ -64,7 +64,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     stop = threading.Event()
+    # Explicit handlers: a background job inherits SIGINT as ignored, and Ctrl-C / SIGTERM must both
+    # shut Serve and Ray down cleanly.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         info = start_local_serve(args.config, port=args.port, num_cpus=args.num_cpus)
         ok = _wait_ready(info["url"], timeout=args.ready_timeout)
@@ -172,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int, default=256)
     c.add_argument("--url", default=DEFAULT_URL)
     c.set_defaults(func=cmd_chat)
+
+    # Training code is imported only for `coe router ...`, never on the serving path.
+    from router_models.cli import add_router_parser
+
+    add_router_parser(sub)
     return p
 
 

@@ -1,0 +1,82 @@
+"""`coe router train | route` (evaluation lives in router_models/evaluate.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from coe.encoder import SentenceEncoder
+from coe.routerdc import RouterDCRouter, save_artifact
+from router_models.data import concat, load_any
+from router_models.train import TrainConfig, train_router
+
+
+def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    r = sub.add_parser("router", help="train, apply and evaluate the RouterDC router")
+    rs = r.add_subparsers(dest="router_command", required=True)
+
+    t = rs.add_parser("train", help="train a router artifact from scored queries")
+    t.add_argument("--data", nargs="+", required=True, help="RouterDC JSON or RouterBench CSV files")
+    t.add_argument("--out", required=True, help="artifact directory to write")
+    t.add_argument("--prices", help='JSON {"expert": USD per query or per 1k tokens}, a file or inline')
+    t.add_argument("--encoder", help="sentence-transformers model dir (default: packaged all-MiniLM-L6-v2)")
+    t.add_argument("--fallback-expert", help="safe generalist (default: best single expert on train)")
+    t.add_argument("--min-confidence", type=float, default=0.0, help="below it, route to the fallback")
+    t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    ro = rs.add_parser("route", help="route every query of a file; writes JSONL decisions in order")
+    ro.add_argument("--router", required=True)
+    ro.add_argument("--input", required=True, help="JSON list with 'question' or JSONL of {question}")
+    ro.add_argument("--output", required=True)
+    ro.add_argument("--threshold", type=float, default=None)
+    ro.set_defaults(func=cmd_route)
+
+
+def _prices(arg: str | None) -> dict[str, float] | None:
+    if not arg:
+        return None
+    p = Path(arg)
+    return {k: float(v) for k, v in json.loads(p.read_text() if p.exists() else arg).items()}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    data = concat([load_any(f) for f in args.data], name="train")
+    encoder = SentenceEncoder(args.encoder)
+    cfg = TrainConfig(epochs=args.epochs, seed=args.seed, min_confidence=args.min_confidence)
+    model, report = train_router(data, encoder, prices=_prices(args.prices), fallback_expert=args.fallback_expert,
+                                 cfg=cfg)
+    out = save_artifact(args.out, model)
+    (out / "train_report.json").write_text(json.dumps(report, indent=2))
+    print(f"router written to {out}")
+    for k, v in report.items():
+        print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    return 0
+
+
+def _read_questions(path: str) -> list[str]:
+    p = Path(path)
+    text = p.read_text()
+    try:
+        rows = json.loads(text)
+        if isinstance(rows, dict):
+            rows = [rows]
+    except json.JSONDecodeError:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [r["question"] if isinstance(r, dict) else str(r) for r in rows]
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    router = RouterDCRouter(args.router)
+    questions = _read_questions(args.input)
+    with open(args.output, "w") as f:
+        for i in range(0, len(questions), 64):
+            batch = questions[i : i + 64]
+            for q, d in zip(batch, router.route_batch(batch, threshold=args.threshold)):
+                f.write(json.dumps({"question": q, "expert": d.expert, "scores": d.scores,
+                                    "confidence": round(d.confidence, 4), "ood": d.ood, "reason": d.reason}) + "\n")
+    print(f"{len(questions)} decisions written to {args.output}", file=sys.stderr)
+    return 0

@@ -1,0 +1,122 @@
+"""RouterDC training and the artifact, on a small synthetic routing task with the real encoder and FAISS.
+
+Three specialists (code, math, french) each solve only their own domain; a cheap generalist solves
+half of everything. A router that learns must send each held-out query to its specialist.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coe.encoder import SentenceEncoder
+from coe.errors import RouterArtifactError
+from coe.routerdc import RouterDCRouter, decide, save_artifact
+from router_models.data import RoutingData
+from router_models.train import TrainConfig, paper_accuracy, train_router
+
+EXPERTS = ["code", "math", "french", "generalist"]
+PRICES = {"code": 3.0, "math": 3.0, "french": 3.0, "generalist": 1.0}
+
+
+def _questions() -> dict[str, list[str]]:
+    code = [f"How do I {v} a {o} in {lang}?" for v, o, lang in itertools.product(
+        ["sort", "reverse", "serialize", "parse"], ["list", "dictionary", "string"], ["Python", "JavaScript", "Rust"])]
+    math = [f"What is {a} {op} {b}? Show the arithmetic." for a, op, b in itertools.product(
+        [12, 37, 145, 9], ["plus", "times", "divided by"], [3, 8, 21])]
+    french = [f"Translate into French: {s}" for s in [
+        "the cat sleeps", "I like apples", "where is the station", "good morning friends", "the weather is cold",
+        "my brother is tall", "we are going to the beach", "this book is long", "she sings well",
+        "the bread is fresh", "open the window", "I lost my keys", "the garden is green", "he drinks coffee",
+        "they play football", "the car is red", "I am tired today", "the museum is closed", "see you tomorrow",
+        "the soup is hot", "my phone is broken", "we eat at noon", "the river is wide", "children like games",
+        "the shop opens at nine", "my sister reads a lot", "the train is late", "I need a doctor",
+        "the door is locked", "it is raining again", "the film was funny", "he writes letters",
+        "the tea is too sweet", "our house is small", "I forgot my umbrella", "the dog barks at night"]]
+    return {"code": code, "math": math, "french": french}
+
+
+def _dataset() -> RoutingData:
+    qs, rows = [], []
+    for dom, items in _questions().items():
+        for q in items:
+            qs.append(q)
+            rows.append([1.0 if e == dom else (0.5 if e == "generalist" else 0.0) for e in EXPERTS])
+    return RoutingData(name="synthetic", questions=qs, experts=EXPERTS, scores=np.array(rows),
+                       tasks=["gsm8k"] * len(qs))  # fraction rule: 0.5 counts as half
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[RoutingData, RouterDCRouter, Path, SentenceEncoder]:
+    data = _dataset()
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(data))
+    cut = int(0.7 * len(data))
+    enc = SentenceEncoder()
+    model, _ = train_router(data.subset(idx[:cut]), enc, prices=PRICES, fallback_expert="generalist",
+                            cfg=TrainConfig(epochs=30, batch_size=32, n_clusters=3), progress=False,
+                            cache_dir=tmp_path_factory.mktemp("emb"))
+    out = save_artifact(tmp_path_factory.mktemp("router") / "art", model)
+    router = RouterDCRouter(out, encoder=enc)
+    return data.subset(idx[cut:]), router, out, enc
+
+
+def test_training_learns_beyond_random_and_best_single(trained) -> None:  # noqa: ANN001
+    test, router, _, _ = trained
+    chosen = np.array([EXPERTS.index(d.expert) for d in router.route_batch(test.questions, threshold=0.0)])
+    acc = paper_accuracy(test.correct(), chosen)
+    single = max(paper_accuracy(test.correct(), np.full(len(test), k)) for k in range(len(EXPERTS)))
+    rand = float(np.nanmean(test.correct()) * 100)
+    assert acc >= single + 25, (acc, single)
+    assert acc >= rand + 25, (acc, rand)
+
+
+def test_artifact_round_trip_gives_identical_decisions(trained) -> None:  # noqa: ANN001
+    test, router, out, enc = trained
+    again = RouterDCRouter(out, encoder=enc)
+    a = router.route_batch(test.questions[:10])
+    b = again.route_batch(test.questions[:10])
+    assert [(x.expert, x.scores) for x in a] == [(y.expert, y.scores) for y in b]
+
+
+def test_higher_threshold_never_picks_a_pricier_expert(trained) -> None:  # noqa: ANN001
+    test, router, _, _ = trained
+    prev = None
+    for t in (0.0, 0.05, 0.2, 0.5, 1.0):
+        cost = np.array([PRICES[d.expert] for d in router.route_batch(test.questions, threshold=t)])
+        if prev is not None:
+            assert (cost <= prev).all()
+        prev = cost
+    assert (prev == PRICES["generalist"]).all()  # t = 1 admits every expert: the cheapest wins
+
+
+def test_out_of_distribution_goes_to_fallback(trained) -> None:  # noqa: ANN001
+    _, router, _, enc = trained
+    p = router.model.params
+    far = "zzz"
+    emb = enc.encode([far])
+    nn = float(router.model.knn(emb)[1][0])
+    p_old = p.ood_min_similarity
+    try:
+        p.ood_min_similarity = nn + 0.01  # the query is farther than the configured boundary
+        d = decide(router.model, emb, 0.0)[0]
+        assert d.expert == "generalist" and d.ood and d.reason.startswith("fallback:ood")
+    finally:
+        p.ood_min_similarity = p_old
+
+
+def test_mismatched_or_corrupt_artifact_is_refused(trained, tmp_path: Path) -> None:  # noqa: ANN001
+    _, _, out, enc = trained
+    with pytest.raises(RouterArtifactError, match="trained for experts"):
+        RouterDCRouter(out, encoder=enc, expected_experts=["general", "code", "translation"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"nope": 1}))
+    with pytest.raises(RouterArtifactError, match="corrupt"):
+        RouterDCRouter(bad, encoder=enc)
+    with pytest.raises(RouterArtifactError, match="not a router artifact"):
+        RouterDCRouter(tmp_path / "missing", encoder=enc)

@@ -87,6 +87,18 @@ class Engine(Protocol):
         ...
 
 
+async def collect(chunks: AsyncIterator[StreamChunk]) -> GenerationResult:
+    """Join a stream into one result (engines implement generate() with it)."""
+    parts: list[str] = []
+    last = StreamChunk(text="")
+    async for chunk in chunks:
+        parts.append(chunk.text)
+        last = chunk
+    if last.finish_reason is None:
+        raise RuntimeError("engine stream ended without a final chunk")
+    return GenerationResult("".join(parts), last.prompt_tokens, last.completion_tokens, last.finish_reason)
+
+
 def check_context(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
     """Raise a 400 naming the limit when prompt + max_tokens does not fit the context."""
     from coe.errors import ContextLengthExceededError

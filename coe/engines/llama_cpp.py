@@ -24,6 +24,7 @@ from coe.engines.base import (
     SamplingParams,
     StreamChunk,
     check_context,
+    collect,
 )
 from coe.errors import CoeError, GenerationError, ModelLoadError
 from coe.models import resolve_local_model
@@ -194,18 +195,7 @@ class LlamaCppEngine:
                 await asyncio.wait([future])
 
     async def generate(self, prompt: EnginePrompt, params: SamplingParams) -> GenerationResult:
-        parts: list[str] = []
-        last = StreamChunk(text="")
-        async for chunk in self.stream(prompt, params):
-            parts.append(chunk.text)
-            last = chunk
-        assert last.finish_reason is not None
-        return GenerationResult(
-            text="".join(parts),
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            finish_reason=last.finish_reason,
-        )
+        return await collect(self.stream(prompt, params))
 
     async def check_health(self) -> None:
         if self._llm is None:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from coe.config import ExpertConfig
-from coe.engines.base import EnginePrompt, GenerationResult, SamplingParams, StreamChunk, check_context
+from coe.engines.base import EnginePrompt, GenerationResult, SamplingParams, StreamChunk, check_context, collect
 from coe.errors import GenerationError, ModelLoadError
 from coe.models import resolve_local_model
 
@@ -126,13 +126,7 @@ class VLLMEngine:
                 await self._engine.abort(request_id)  # client gone: free the sequence's KV blocks
 
     async def generate(self, prompt: EnginePrompt, params: SamplingParams) -> GenerationResult:
-        parts: list[str] = []
-        last = StreamChunk(text="")
-        async for chunk in self.stream(prompt, params):
-            parts.append(chunk.text)
-            last = chunk
-        assert last.finish_reason is not None
-        return GenerationResult("".join(parts), last.prompt_tokens, last.completion_tokens, last.finish_reason)
+        return await collect(self.stream(prompt, params))
 
     async def check_health(self) -> None:
         if self._engine is None:

@@ -185,13 +185,22 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.boxplot([[r["overhead_ms"] for r in rows] for rows in results.values()],
-               tick_labels=list(results), showfliers=True)
-    ax.axhline(15, color="red", linestyle="--", label="target p50 15 ms")
-    ax.set_ylabel("gateway overhead per request (ms)")
-    ax.set_title(f"coe gateway overhead ({args.config}, max_tokens={args.max_tokens})")
-    ax.legend()
+    with (out / "gateway_overhead.csv").open("w") as f:
+        f.write("run,gateway_ms,direct_ms,overhead_ms,route_ms,completion_tokens\n")
+        for name, rows in results.items():
+            for r in rows:
+                f.write(f"{name},{r['gateway_ms']:.3f},{r['direct_ms']:.3f},{r['overhead_ms']:.3f},"
+                        f"{r['route_ms']:.3f},{r['completion_tokens']}\n")
+    levels = list(args.concurrency)
+    fig, axes = plt.subplots(1, len(levels), figsize=(5 * len(levels), 4.5), squeeze=False)
+    for ax, c in zip(axes[0], levels):
+        names = [n for n in results if n.endswith(f"c={c}")]
+        ax.boxplot([[r["overhead_ms"] for r in results[n]] for n in names], tick_labels=names, showfliers=True)
+        ax.axhline(15, color="red", linestyle="--", label="target p50 15 ms")
+        ax.set_title(f"concurrency {c}")
+        ax.set_ylabel("gateway overhead per request (ms)")
+        ax.legend()
+    fig.suptitle(f"coe gateway overhead ({args.config}, max_tokens={args.max_tokens}; auto includes routing)")
     fig.tight_layout()
     png = out / "gateway_overhead.png"
     fig.savefig(png, dpi=120)

@@ -95,11 +95,14 @@ class RouterDCModel:
         """(fused predicted quality, RouterDC probabilities, nearest-neighbour similarity)."""
         p_dc = softmax(self.dc_logits(emb))
         q_knn, nn_sim = self.knn(emb)
-        # Put the RouterDC distribution on the kNN quality scale so the two can be mixed.
+        return self.fuse(p_dc, q_knn), p_dc, nn_sim
+
+    def fuse(self, p_dc: np.ndarray, q_knn: np.ndarray) -> np.ndarray:
+        """alpha-mix of the RouterDC distribution (put on the kNN quality scale) and the kNN quality."""
         lo, hi = q_knn.min(axis=1, keepdims=True), q_knn.max(axis=1, keepdims=True)
         p_scaled = lo + (hi - lo) * (p_dc / np.maximum(p_dc.max(axis=1, keepdims=True), 1e-8))
         a = self.params.alpha
-        return a * p_scaled + (1 - a) * q_knn, p_dc, nn_sim
+        return a * p_scaled + (1 - a) * q_knn
 
     def choose(self, q: np.ndarray, threshold: float) -> np.ndarray:
         """Cheapest expert within `threshold` of the best predicted quality, per row."""

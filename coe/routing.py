@@ -7,7 +7,7 @@ A router maps query text to one expert name with per-expert scores. The trained 
 from __future__ import annotations
 
 import abc
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,9 +27,6 @@ class RoutingDecision:
     ood: bool = False
     threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Router(abc.ABC):

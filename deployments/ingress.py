@@ -277,7 +277,7 @@ class CoeIngress:
             return await self._handle(request, "completion")
 
         @app.get("/v1/models")
-        async def models(request: Request) -> Response:
+        async def models() -> Response:
             return JSONResponse(self._models(), headers={"x-coe-expert": "none"})
 
         @app.get("/health")

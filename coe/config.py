@@ -7,6 +7,7 @@ through :class:`RuntimeSettings`, never from this file.
 
 from __future__ import annotations
 
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -157,6 +158,13 @@ class VLLMOptions(StrictModel):
     download_dir: str | None = None
 
 
+class SLOConfig(StrictModel):
+    """Per-expert latency objective the load controller defends."""
+
+    ttft_ms: float = Field(2000.0, gt=0.0, description="Time to first token, p99.")
+    total_ms: float = Field(20000.0, gt=0.0, description="Whole request, p99.")
+
+
 class ExpertConfig(StrictModel):
     """One domain expert: one Ray Serve deployment."""
 
@@ -179,6 +187,7 @@ class ExpertConfig(StrictModel):
         description="Requests waiting for a replica (per caller) before new ones get 429; -1: unbounded.",
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    slo: SLOConfig = Field(default_factory=SLOConfig)
     llama_cpp: LlamaCppOptions | None = None
     vllm: VLLMOptions | None = None
 
@@ -238,6 +247,60 @@ class EmbeddingRouterConfig(StrictModel):
     temperature: float = Field(0.05, gt=0.0, description="Softmax temperature for confidence.")
 
 
+class RouterDCConfig(StrictModel):
+    """The trained RouterDC router (see `coe router train`): encoder + expert embeddings + FAISS kNN."""
+
+    kind: Literal["routerdc"] = "routerdc"
+    artifact: str = Field(
+        description="Router artifact directory written by `coe router train` (`~` and $VARS are expanded where "
+        "the router loads; a relative path is relative to the working directory). Its expert names must equal "
+        "this config's experts."
+    )
+
+    def artifact_path(self) -> Path:
+        return Path(os.path.expandvars(os.path.expanduser(self.artifact)))
+    fallback_expert: str | None = Field(
+        None, description="Overrides the artifact's fallback (the safe generalist for uncertain/OOD queries)."
+    )
+    min_confidence: float | None = Field(
+        None, ge=0.0, le=1.0, description="Overrides the artifact's confidence floor (below it: fallback)."
+    )
+    threshold: float = Field(
+        0.0, ge=0.0, description="Resting cost/quality threshold t: cheapest expert within t of the best quality."
+    )
+    batch_max_size: int = Field(32, ge=1, description="Concurrent routing decisions encoded in one batch.")
+    batch_wait_timeout_s: float = Field(0.002, ge=0.0, description="How long a batch waits to fill.")
+
+
+class ControllerConfig(StrictModel):
+    """The load-aware controller: moves the threshold t between t_min and t_max with the cluster's load."""
+
+    enabled: bool = Field(True, description="Off: t stays at router.threshold.")
+    interval_s: float = Field(1.0, gt=0.0, description="Control period.")
+    t_min: float = Field(0.0, ge=0.0, description="Resting threshold (no load).")
+    t_max: float = Field(0.1, ge=0.0, description="Most quality the controller may give up under load.")
+    target_load: float = Field(
+        0.8, gt=0.0, description="Set point of the load signal (1.0 = an expert at capacity or at its SLO)."
+    )
+    kp: float = Field(0.05, ge=0.0, description="Proportional gain (t per unit of load error).")
+    ki: float = Field(0.02, ge=0.0, description="Integral gain (t per unit of load error and second).")
+    deadband: float = Field(0.1, ge=0.0, description="Load errors smaller than this leave t alone (hysteresis).")
+    max_step: float = Field(0.02, gt=0.0, description="Largest change of t per interval.")
+    cooldown_s: float = Field(5.0, ge=0.0, description="After a rise, wait this long before t may fall.")
+    queue_penalty: float = Field(
+        0.05, ge=0.0, description="Routing score penalty per unit of an expert's load above target_load."
+    )
+    cache_s: float = Field(1.0, gt=0.0, description="How long an ingress replica reuses the last t it read.")
+    record_prompts: bool = Field(False, description="Store prompt text in the decision stream (off: ids only).")
+    decision_stream_max: int = Field(100_000, ge=100, description="Cap of the routing-decision stream.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ControllerConfig:
+        if self.t_min > self.t_max:
+            raise ValueError(f"t_min ({self.t_min}) must be <= t_max ({self.t_max})")
+        return self
+
+
 class ServerConfig(StrictModel):
     """HTTP server and ingress settings."""
 
@@ -254,7 +317,8 @@ class CoeConfig(StrictModel):
 
     app_name: str = Field("coe", description="Ray Serve application name.")
     server: ServerConfig = Field(default_factory=ServerConfig)
-    router: EmbeddingRouterConfig
+    router: EmbeddingRouterConfig | RouterDCConfig = Field(discriminator="kind")
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
     experts: list[ExpertConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -263,7 +327,7 @@ class CoeConfig(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"expert names must be unique; repeated: {dupes}")
-        if self.router.fallback_expert not in names:
+        if self.router.fallback_expert is not None and self.router.fallback_expert not in names:
             raise ValueError(
                 f"router.fallback_expert '{self.router.fallback_expert}' is not an expert ({names})"
             )

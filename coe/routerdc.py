@@ -2,8 +2,13 @@
 
 Per query x with encoder embedding E(x):
   * RouterDC score of expert k: cos(W E(x) + b, e_k) / tau  (learned head W, b and expert embeddings e_k);
-  * kNN quality: similarity-weighted mean of each expert's correctness on the nearest training queries
-    (FAISS inner-product index over unit embeddings);
+  * group prior: a softmax classifier over the training groups (the training files, i.e. tasks) gives
+    P(g | x); the prior quality is sum_g P(g | x) * mean quality of each expert on group g;
+  * kNN quality: each expert's correctness on the nearest training queries (FAISS inner-product index over
+    unit embeddings), similarity-weighted and shrunk towards the prior with a per-group strength m_g
+    (empirical Bayes: q = (sum_j w_j c_jk + m(x) prior_k) / (sum_j w_j + m(x))), m_g chosen by
+    cross-validation on the training files: where neighbours carry signal m_g is small, where they are
+    noise it is large;
   * predicted quality q_k: alpha * softmax(RouterDC scores)_k rescaled to the kNN range + (1 - alpha) * kNN_k,
     with alpha fitted on a validation split;
   * confidence: temperature-scaled softmax over q (temperature fitted on validation);
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,7 @@ from coe.encoder import SentenceEncoder
 from coe.errors import RouterArtifactError
 from coe.routing import Router, RoutingDecision
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 
 
 @dataclass
@@ -45,6 +50,7 @@ class RouterDCParams:
     ood_min_similarity: float
     min_confidence: float
     fallback_expert: str
+    groups: list[str] = field(default_factory=list)  # training groups (tasks) of the prior
     default_threshold: float = 0.0
     version: int = ARTIFACT_VERSION
 
@@ -65,11 +71,24 @@ def softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+@dataclass
+class GroupPrior:
+    """P(group | x) by a linear softmax classifier, each group's mean quality, each group's shrinkage m_g."""
+
+    weight: np.ndarray  # (d, G)
+    bias: np.ndarray  # (G,)
+    mean_quality: np.ndarray  # (G, k)
+    strength: np.ndarray  # (G,)
+
+    def proba(self, emb: np.ndarray) -> np.ndarray:
+        return softmax(emb @ self.weight + self.bias)
+
+
 class RouterDCModel:
     """The numeric part of the router, shared by training-time evaluation and serving."""
 
     def __init__(self, params: RouterDCParams, head_w: np.ndarray, head_b: np.ndarray, expert_emb: np.ndarray,
-                 index: Any, knn_quality: np.ndarray) -> None:
+                 index: Any, knn_quality: np.ndarray, prior: GroupPrior) -> None:
         self.params = params
         self.head_w = head_w.astype(np.float32)
         self.head_b = head_b.astype(np.float32)
@@ -77,6 +96,7 @@ class RouterDCModel:
         self.expert_emb = e / np.linalg.norm(e, axis=1, keepdims=True)
         self.index = index
         self.knn_quality = np.nan_to_num(knn_quality.astype(np.float32), nan=0.0)
+        self.prior = prior
         self.prices = np.array([params.prices.get(x, 0.0) for x in params.experts], dtype=np.float64)
 
     def dc_logits(self, emb: np.ndarray) -> np.ndarray:
@@ -84,12 +104,22 @@ class RouterDCModel:
         h = h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-8)
         return (h @ self.expert_emb.T) / self.params.tau
 
-    def knn(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(quality estimate (n, k), nearest similarity (n,))."""
-        sims, ids = self.index.search(np.ascontiguousarray(emb, dtype=np.float32), self.params.knn_k)
-        w = softmax(sims, self.params.knn_tau)
-        q = np.einsum("nj,njk->nk", w, self.knn_quality[ids])
-        return q, sims[:, 0]
+    def neighbours(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities (n, knn_k), training-row ids (n, knn_k)) of the nearest training queries."""
+        return self.index.search(np.ascontiguousarray(emb, dtype=np.float32), self.params.knn_k)
+
+    def knn(self, emb: np.ndarray, nn: tuple[np.ndarray, np.ndarray] | None = None,
+            shrink: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(quality estimate (n, k), nearest similarity (n,)); shrink=False is the plain kNN baseline."""
+        sims, ids = nn if nn is not None else self.neighbours(emb)
+        w = np.exp((sims - sims[:, :1]) / self.params.knn_tau)  # the nearest neighbour weighs 1
+        num = np.einsum("nj,njk->nk", w, self.knn_quality[ids])
+        den = w.sum(axis=1, keepdims=True)
+        if not shrink:
+            return num / den, sims[:, 0]
+        p = self.prior.proba(emb)
+        m = (p @ self.prior.strength)[:, None]
+        return (num + m * (p @ self.prior.mean_quality)) / (den + m), sims[:, 0]
 
     def quality(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(fused predicted quality, RouterDC probabilities, nearest-neighbour similarity)."""
@@ -104,63 +134,113 @@ class RouterDCModel:
         a = self.params.alpha
         return a * p_scaled + (1 - a) * q_knn
 
-    def choose(self, q: np.ndarray, threshold: float) -> np.ndarray:
-        """Cheapest expert within `threshold` of the best predicted quality, per row."""
-        ok = q >= q.max(axis=1, keepdims=True) - threshold - 1e-12
-        # Cheapest admissible expert; among equal prices, the higher predicted quality.
-        best = np.empty(len(q), dtype=int)
-        for i in range(len(q)):
-            cand = np.flatnonzero(ok[i])
-            best[i] = cand[np.lexsort((-q[i, cand], self.prices[cand]))[0]]
-        return best
+    def choose(self, q: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
+        """Cheapest expert within `threshold` (scalar or per row) of the best predicted quality (ties: quality)."""
+        t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(q),))[:, None]
+        ok = q >= q.max(axis=1, keepdims=True) - t - 1e-12
+        price = np.where(ok, self.prices[None, :], np.inf)
+        cheapest = ok & (price <= price.min(axis=1, keepdims=True))
+        return np.where(cheapest, q, -np.inf).argmax(axis=1)
 
 
 class RouterDCRouter(Router):
     """The serving router over a saved artifact (see router_models/ for training)."""
 
     def __init__(self, artifact_dir: str | Path, *, expected_experts: list[str] | None = None,
-                 encoder: SentenceEncoder | None = None, threshold: float | None = None) -> None:
+                 encoder: SentenceEncoder | None = None, threshold: float | None = None,
+                 fallback_expert: str | None = None, min_confidence: float | None = None) -> None:
         self.model, self.encoder = load_artifact(artifact_dir, expected_experts=expected_experts, encoder=encoder)
         self.default_threshold = self.model.params.default_threshold if threshold is None else threshold
+        if fallback_expert is not None:
+            if fallback_expert not in self.model.params.experts:
+                raise RouterArtifactError(f"fallback expert '{fallback_expert}' is not one of the artifact's experts")
+            self.model.params.fallback_expert = fallback_expert
+        if min_confidence is not None:
+            self.model.params.min_confidence = min_confidence
 
     @property
     def experts(self) -> list[str]:
         return list(self.model.params.experts)
 
+    @property
+    def uses_threshold(self) -> bool:
+        return True
+
     def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
-        t = self.default_threshold if threshold is None else threshold
-        emb = self.encoder.encode(queries)
-        return decide(self.model, emb, t)
+        return self.route_each(queries, [threshold] * len(queries))
+
+    def route_each(self, queries: list[str], thresholds: list[float | None],
+                   penalties: dict[str, float] | None = None) -> list[RoutingDecision]:
+        """One encoder pass for the batch; each query with its own threshold (None: the default)."""
+        t = np.array([self.default_threshold if x is None else x for x in thresholds], dtype=np.float64)
+        return decide(self.model, self.encoder.encode(queries), t, penalties)
 
 
-def decide(model: RouterDCModel, emb: np.ndarray, threshold: float) -> list[RoutingDecision]:
+@dataclass
+class Decisions:
+    """Vectorised decisions for a batch (what `decide` turns into RoutingDecision objects)."""
+
+    chosen: np.ndarray  # (n,) expert index actually used (after fallback)
+    best: np.ndarray  # (n,) expert with the highest predicted quality
+    quality: np.ndarray  # (n, k) fused predicted quality
+    confidence: np.ndarray  # (n,) calibrated probability that `best` is the best expert
+    margin: np.ndarray  # (n,) calibrated probability gap between the top two experts
+    nn_similarity: np.ndarray  # (n,) similarity to the nearest training query
+    ood: np.ndarray  # (n,) bool
+    low_confidence: np.ndarray  # (n,) bool
+
+
+def decide_arrays(model: RouterDCModel, emb: np.ndarray, threshold: float | np.ndarray,
+                  parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                  penalties: dict[str, float] | None = None) -> Decisions:
+    """Decisions for encoder embeddings; `parts` = a precomputed `model.quality(emb)` (for t sweeps).
+
+    `penalties` (expert -> quality points) are subtracted from the predicted quality before choosing, so
+    traffic leaves a loaded expert first (the load controller sets them); scores reported stay unpenalised.
+    """
+    p = model.params
+    q, _, nn_sim = parts if parts is not None else model.quality(emb)
+    q_used = q - np.array([penalties.get(x, 0.0) for x in p.experts])[None, :] if penalties else q
+    conf = softmax(q, p.calib_temperature)
+    top2 = np.sort(conf, axis=1)[:, -2:] if conf.shape[1] > 1 else np.concatenate([conf * 0, conf], 1)
+    best = q.argmax(axis=1)
+    confidence = conf[np.arange(len(q)), best]
+    ood = nn_sim < p.ood_min_similarity
+    low = ~ood & (confidence < p.min_confidence)
+    chosen = model.choose(q_used, threshold)
+    chosen = np.where(ood | low, p.experts.index(p.fallback_expert), chosen)
+    return Decisions(chosen=chosen, best=best, quality=q, confidence=confidence, margin=top2[:, 1] - top2[:, 0],
+                     nn_similarity=nn_sim, ood=ood, low_confidence=low)
+
+
+def decide(model: RouterDCModel, emb: np.ndarray, threshold: float | np.ndarray,
+           penalties: dict[str, float] | None = None) -> list[RoutingDecision]:
     """Decisions for encoder embeddings (shared by serving and evaluation)."""
     p = model.params
-    q, _, nn_sim = model.quality(emb)
-    conf = softmax(q, p.calib_temperature)
-    chosen = model.choose(q, threshold)
+    d = decide_arrays(model, emb, threshold, penalties=penalties)
+    ts = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(emb),))
     out = []
     for i in range(len(emb)):
-        k = int(chosen[i])
-        best = int(q[i].argmax())
-        confidence = float(conf[i, best])
-        ood = bool(nn_sim[i] < p.ood_min_similarity)
-        if ood:
-            expert, reason = p.fallback_expert, f"fallback:ood(nn_sim={nn_sim[i]:.3f}<{p.ood_min_similarity:.3f})"
-        elif confidence < p.min_confidence:
-            expert, reason = p.fallback_expert, f"fallback:low_confidence({confidence:.3f}<{p.min_confidence})"
+        threshold_i = float(ts[i])
+        k, best, nn = int(d.chosen[i]), int(d.best[i]), float(d.nn_similarity[i])
+        confidence = float(d.confidence[i])
+        if d.ood[i]:
+            reason = f"fallback:ood(nn_sim={nn:.3f}<{p.ood_min_similarity:.3f})"
+        elif d.low_confidence[i]:
+            reason = f"fallback:low_confidence({confidence:.3f}<{p.min_confidence})"
         elif k != best:
-            expert, reason = p.experts[k], f"cheaper_within_threshold(t={threshold:g})"
+            reason = f"cheaper_within_threshold(t={threshold_i:g})"
         else:
-            expert, reason = p.experts[k], "best_predicted_quality"
+            reason = "best_predicted_quality"
         out.append(RoutingDecision(
-            expert=expert,
-            scores={name: round(float(v), 4) for name, v in zip(p.experts, q[i])},
+            expert=p.experts[k],
+            scores={name: round(float(v), 4) for name, v in zip(p.experts, d.quality[i])},
             confidence=confidence,
             reason=reason,
-            ood=ood,
-            threshold=threshold,
-            extra={"nn_similarity": round(float(nn_sim[i]), 4)},
+            ood=bool(d.ood[i]),
+            threshold=threshold_i,
+            extra={"nn_similarity": round(nn, 4), "margin": round(float(d.margin[i]), 4),
+                   "best_expert": p.experts[best]},
         ))
     return out
 
@@ -187,8 +267,11 @@ def load_artifact(path: str | Path, *, expected_experts: list[str] | None = None
             f"{sorted(expected_experts)}; retrain with `coe router train` or fix the config"
         )
     try:
-        arrays = np.load(d / "weights.npz")
+        arrays = dict(np.load(d / "weights.npz"))
         index = faiss.read_index(str(d / "index.faiss"))
+        prior = GroupPrior(arrays["group_w"], arrays["group_b"], arrays["group_mean_quality"],
+                           arrays["group_strength"])
+        head = (arrays["head_w"], arrays["head_b"], arrays["expert_emb"], arrays["knn_quality"])
     except (OSError, RuntimeError, KeyError) as err:
         raise RouterArtifactError(f"{d}: cannot read weights or index: {err}") from None
     encoder = encoder or SentenceEncoder(params.encoder or None)
@@ -198,8 +281,7 @@ def load_artifact(path: str | Path, *, expected_experts: list[str] | None = None
             f"{d} was trained with encoder fingerprint {params.encoder_fingerprint}, the loaded encoder "
             f"'{encoder.name}' has {fp}"
         )
-    model = RouterDCModel(params, arrays["head_w"], arrays["head_b"], arrays["expert_emb"], index,
-                          arrays["knn_quality"])
+    model = RouterDCModel(params, head[0], head[1], head[2], index, head[3], prior)
     return model, encoder
 
 
@@ -211,6 +293,7 @@ def save_artifact(path: str | Path, model: RouterDCModel) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(model.params.to_json(), indent=2))
     np.savez(d / "weights.npz", head_w=model.head_w, head_b=model.head_b, expert_emb=model.expert_emb,
-             knn_quality=model.knn_quality)
+             knn_quality=model.knn_quality, group_w=model.prior.weight, group_b=model.prior.bias,
+             group_mean_quality=model.prior.mean_quality, group_strength=model.prior.strength)
     faiss.write_index(model.index, str(d / "index.faiss"))
     return d

@@ -36,6 +36,16 @@ class Router(abc.ABC):
     def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
         """Decisions for a batch of queries, in order."""
 
+    def route_each(self, queries: list[str], thresholds: list[float | None],
+                   penalties: dict[str, float] | None = None) -> list[RoutingDecision]:
+        """Decisions for a batch where each query has its own threshold (routers without t ignore it)."""
+        return self.route_batch(queries)
+
+    @property
+    def uses_threshold(self) -> bool:
+        """Whether the cost/quality threshold t changes this router's decisions."""
+        return False
+
     def route(self, query: str, *, threshold: float | None = None) -> RoutingDecision:
         """The decision for one query."""
         return self.route_batch([query], threshold=threshold)[0]
@@ -100,7 +110,6 @@ class EmbeddingRouter(Router):
                         confidence=float(p[best]),
                         reason=reason,
                         ood=reason.startswith("fallback:low_similarity"),
-                        threshold=threshold,
                     )
                 )
             else:
@@ -110,12 +119,17 @@ class EmbeddingRouter(Router):
                         scores=per,
                         confidence=float(p[best]),
                         reason="nearest_expert",
-                        threshold=threshold,
                     )
                 )
         return out
 
 
 def build_router(config: CoeConfig) -> Router:
-    """The router the config asks for."""
+    """The router the config asks for (a RouterDC artifact is checked against the config's experts)."""
+    rc = config.router
+    if rc.kind == "routerdc":
+        from coe.routerdc import RouterDCRouter  # imports this module: keep the import here
+
+        return RouterDCRouter(rc.artifact_path(), expected_experts=[e.name for e in config.experts], threshold=rc.threshold,
+                              fallback_expert=rc.fallback_expert, min_confidence=rc.min_confidence)
     return EmbeddingRouter(config)

@@ -33,6 +33,7 @@ from coe.errors import (
 )
 from coe.protocol import (
     ChatCompletionRequest,
+    CoeOptions,
     CompletionRequest,
     Usage,
     chat_chunk,
@@ -97,6 +98,11 @@ class CoeIngress:
         # Built on the replica's main thread: torch's thread count set there is what the routing
         # threads inherit (measured: routing 23 ms when built in an executor thread, vs ~12 ms).
         self.router: Router = build_router(self.config)
+        rc = self.config.router
+        if rc.kind == "routerdc":
+            self._route_batched.set_max_batch_size(rc.batch_max_size)
+            self._route_batched.set_batch_wait_timeout_s(rc.batch_wait_timeout_s)
+        self.resting_threshold = rc.threshold if rc.kind == "routerdc" else 0.0
 
     # ---------- request handling ----------
 
@@ -107,32 +113,69 @@ class CoeIngress:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InvalidRequestError(f"request body is not valid JSON: {err}") from None
 
-    async def _route(self, model: str, query: str) -> tuple[str, RoutingDecision | None]:
+    def _threshold_of(self, model: str, options: CoeOptions | None) -> float:
+        """t for one `coe-auto` request: the request's own (model suffix or body), else the current t; capped."""
+        _, _, suffix = model.partition("@")
+        asked = options.quality_threshold if options is not None else None
+        if suffix:
+            try:
+                from_name = float(suffix)
+            except ValueError:
+                raise InvalidRequestError(f"bad threshold in model '{model}'", param="model") from None
+            if not 0.0 <= from_name <= 1.0:
+                raise InvalidRequestError("threshold must be within [0, 1]", param="model")
+            if asked is not None and abs(asked - from_name) > 1e-12:
+                raise InvalidRequestError("the model name and coe.quality_threshold give different thresholds",
+                                          param="coe.quality_threshold")
+            asked = from_name
+        t = asked if asked is not None else self.current_threshold()
+        cap = options.max_quality_threshold if options is not None else None
+        return min(t, cap) if cap is not None else t
+
+    def current_threshold(self) -> float:
+        """The threshold for requests that do not set their own (the load controller moves it)."""
+        return self.resting_threshold
+
+    def routing_penalties(self) -> dict[str, float] | None:
+        """Per-expert quality penalties from the load controller (None: no load information)."""
+        return None
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _route_batched(self, items: list[tuple[str, float]]) -> list[RoutingDecision]:
+        """Concurrent routing decisions share one encoder pass (Serve's dynamic batching)."""
+        loop = asyncio.get_running_loop()
+        queries, thresholds = [q for q, _ in items], [t for _, t in items]
+        penalties = self.routing_penalties()
+        t0 = time.perf_counter()
+        decisions = await loop.run_in_executor(
+            None, lambda: self.router.route_each(queries, list(thresholds), penalties))
+        ms = (time.perf_counter() - t0) * 1e3
+        for d in decisions:
+            d.extra["route_ms"] = ms
+            d.extra["batch_size"] = len(items)
+        return decisions
+
+    async def _route(self, model: str, query: str, options: CoeOptions | None = None
+                     ) -> tuple[str, RoutingDecision | None]:
         if model in self.experts:
             return model, None
-        base, _, t = model.partition("@")
+        base, _, _ = model.partition("@")
         if base != AUTO_MODEL:
             raise ModelNotFoundError(
                 f"model '{model}' does not exist; use '{AUTO_MODEL}' or one of {sorted(self.experts)}",
                 param="model",
             )
-        threshold = None
-        if t:
-            try:
-                threshold = float(t)
-            except ValueError:
-                raise InvalidRequestError(f"bad threshold in model '{model}'", param="model") from None
-            if not 0.0 <= threshold <= 1.0:
-                raise InvalidRequestError("threshold must be within [0, 1]", param="model")
-        loop = asyncio.get_running_loop()
+        threshold = self._threshold_of(model, options)
         t0 = time.perf_counter()
-        decision = await loop.run_in_executor(None, lambda: self.router.route(query, threshold=threshold))
-        decision.extra["route_ms"] = (time.perf_counter() - t0) * 1e3
+        decision = await self._route_batched((query, threshold))
+        decision.extra["route_ms"] = (time.perf_counter() - t0) * 1e3  # queueing for the batch included
+        if not self.router.uses_threshold:
+            decision.threshold = None
         return decision.expert, decision
 
     async def _prepare(self, req: ChatCompletionRequest | CompletionRequest) -> _Prepared:
         query = req.query_text()
-        name, decision = await self._route(req.model, query)
+        name, decision = await self._route(req.model, query, req.coe)
         expert = self.experts[name]
         params = req.to_sampling_params(expert)
         ignored = req.ignored_fields()
@@ -236,6 +279,28 @@ class CoeIngress:
             headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
 
+    async def _route_only(self, request: Request) -> Response:
+        """The decision for a chat or completion request body, without generating."""
+        try:
+            body = await self._read_json(request)
+            if not isinstance(body, dict):
+                raise InvalidRequestError("request body must be a JSON object")
+            body = {"model": AUTO_MODEL, **body}
+            req_cls = ChatCompletionRequest if "messages" in body else CompletionRequest
+            req = parse_request(req_cls, body)
+            if req.model in self.experts:
+                raise InvalidRequestError(f"model '{req.model}' is an expert: nothing to route; use '{AUTO_MODEL}'",
+                                          param="model")
+            _, d = await self._route(req.model, req.query_text(), req.coe)
+            assert d is not None
+            payload = {"expert": d.expert, "scores": d.scores, "confidence": round(d.confidence, 4), "ood": d.ood,
+                       "threshold": d.threshold, "reason": d.reason,
+                       "route_ms": round(d.extra["route_ms"], 3),
+                       **{k: v for k, v in d.extra.items() if k not in ("route_ms",)}}
+            return JSONResponse(payload, headers={"x-coe-expert": d.expert})
+        except Exception as exc:  # noqa: BLE001 - every error leaves as an OpenAI error body
+            return error_response(as_coe_error(exc))
+
     # ---------- status ----------
 
     def _models(self) -> dict[str, Any]:
@@ -275,6 +340,10 @@ class CoeIngress:
         @app.post("/v1/completions")
         async def completions(request: Request) -> Response:
             return await self._handle(request, "completion")
+
+        @app.post("/v1/route")
+        async def route(request: Request) -> Response:
+            return await self._route_only(request)
 
         @app.get("/v1/models")
         async def models() -> Response:

@@ -1,4 +1,4 @@
-"""`coe router train | route` (evaluation lives in router_models/evaluate.py)."""
+"""`coe router train | route | eval`."""
 
 from __future__ import annotations
 
@@ -35,12 +35,26 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     ro.add_argument("--threshold", type=float, default=None)
     ro.set_defaults(func=cmd_route)
 
+    dd = rs.add_parser("demo-data", help="write the labelled routing set for the CPU demo experts")
+    dd.add_argument("--out", required=True)
+    dd.add_argument("--per-kind", type=int, default=120)
+    dd.set_defaults(func=cmd_demo_data)
+
+    ev = rs.add_parser("eval", help="accuracy per file, baselines, quality against cost, decision latency")
+    ev.add_argument("--router", required=True)
+    ev.add_argument("--data", nargs="+", required=True, help="scored test files (never the training files)")
+    ev.add_argument("--plot", help="write the PNG plot here")
+    ev.add_argument("--json", help="write the full report as JSON here")
+    ev.add_argument("--latency-queries", type=int, default=200, help="queries timed one by one (0: skip)")
+    ev.set_defaults(func=cmd_eval)
+
 
 def _prices(arg: str | None) -> dict[str, float] | None:
     if not arg:
         return None
     p = Path(arg)
-    return {k: float(v) for k, v in json.loads(p.read_text() if p.exists() else arg).items()}
+    raw = json.loads(p.read_text() if p.exists() else arg)
+    return {k: float(v) for k, v in raw.items() if not k.startswith("_")}  # "_comment" keys document the file
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -79,4 +93,23 @@ def cmd_route(args: argparse.Namespace) -> int:
                 f.write(json.dumps({"question": q, "expert": d.expert, "scores": d.scores,
                                     "confidence": round(d.confidence, 4), "ood": d.ood, "reason": d.reason}) + "\n")
     print(f"{len(questions)} decisions written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from router_models.evaluate import evaluate, plot_report, print_report
+
+    report = evaluate(args.router, args.data, latency_queries=args.latency_queries)
+    print_report(report)
+    if args.plot:
+        print(f"plot written to {plot_report(report, args.plot, title=f'router {args.router}')}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from router_models.demo_data import write_demo_routing_set
+
+    print(f"demo routing set written to {write_demo_routing_set(args.out, args.per_kind)}")
     return 0

@@ -2,7 +2,7 @@
 
 Both formats load into one :class:`RoutingData`: questions, expert names, a score matrix (NaN where a
 score is missing) and, for RouterBench, a USD cost matrix. :func:`paper_correct` applies the RouterDC
-paper's scoring rule (binarised for multiple choice, the raw fraction for GSM8K and HumanEval).
+paper's scoring rule (binarised for its multiple-choice files, the raw score everywhere else).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import numpy as np
 
 from coe.errors import InvalidRequestError
 
-# Files whose scores are fractions of samples correct (the paper uses the raw fraction); every other
-# file is multiple choice: correct = score > 0.
-FRACTION_TASKS = ("gsm8k", "humaneval")
+# The RouterDC files whose score is the gold option's probability when the answer is right: the paper
+# binarises them (correct = score > 0). Every other file's score is used as it is (GSM8K and HumanEval
+# fractions, RouterBench 0/1, a user's own quality scores).
+MULTIPLE_CHOICE_TASKS = ("mmlu", "cmmlu", "arc_challenge")
 
 
 @dataclass
@@ -71,10 +72,11 @@ def task_of(path: str | Path) -> str:
 
 
 def paper_correct(scores: np.ndarray, tasks: list[str]) -> np.ndarray:
-    """Binarise multiple-choice scores (score > 0); keep fractions for GSM8K and HumanEval."""
+    """Binarise the RouterDC multiple-choice files' scores (score > 0); keep every other score as it is."""
     out = scores.astype(np.float64).copy()
-    frac = np.array([any(t.startswith(f) for f in FRACTION_TASKS) for t in tasks])
-    mc = ~frac
+    mc = np.array([t in MULTIPLE_CHOICE_TASKS for t in tasks], dtype=bool)
+    if not mc.any():
+        return out
     with np.errstate(invalid="ignore"):
         binar = (scores[mc] > 0).astype(np.float64)
     binar[np.isnan(scores[mc])] = np.nan

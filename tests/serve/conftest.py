@@ -17,13 +17,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def coe_url() -> Iterator[str]:
+def coe_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from coe.cli import start_local_serve
+    from coe.cli import ensure_router_artifact, start_local_serve
+    from coe.config import load_config
 
-    info = start_local_serve("cpu-default", port=_free_port(), num_cpus=2, dashboard=False)
+    # cpu-default with its RouterDC router trained from the demo set into a fresh folder (about 20 s).
+    config = load_config("cpu-default")
+    config.router.artifact = str(tmp_path_factory.mktemp("router") / "cpu-default")
+    ensure_router_artifact(config, demo_ok=True)
+    info = start_local_serve(config, port=_free_port(), num_cpus=2, dashboard=False)
     url = info["url"]
     deadline = time.time() + 240
     while True:

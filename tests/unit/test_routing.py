@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from coe.config import load_config
+from coe.config import CoeConfig, EmbeddingRouterConfig, load_config
+
+
+def _embedding_config() -> CoeConfig:
+    """cpu-default's experts with the embedding router (cpu-default itself uses the trained RouterDC router)."""
+    cfg = load_config("cpu-default")
+    cfg.router = EmbeddingRouterConfig(fallback_expert="general")
+    return cfg
 from coe.routing import EmbeddingRouter
 
 
 @pytest.fixture(scope="module")
 def router() -> EmbeddingRouter:
-    return EmbeddingRouter(load_config("cpu-default"))
+    return EmbeddingRouter(_embedding_config())
 
 
 @pytest.mark.parametrize(
@@ -32,7 +39,7 @@ def test_routes_held_out_queries_to_their_domain(router: EmbeddingRouter, query:
 
 
 def _router_with(router: EmbeddingRouter, **changes: float | str) -> EmbeddingRouter:
-    cfg = load_config("cpu-default")
+    cfg = _embedding_config()
     for k, v in changes.items():
         setattr(cfg.router, k, v)
     return EmbeddingRouter(cfg, encoder=router._encoder)

@@ -1,0 +1,192 @@
+"""The load-aware threshold controller on synthetic load traces (no clock, no I/O)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from coe.config import ControllerConfig, SLOConfig, parse_config
+from coe.control import (
+    ExpertLoad,
+    LatencyWindow,
+    ThresholdController,
+    ThresholdState,
+    capacity_per_replica,
+    quality_given_up,
+)
+
+CFG = ControllerConfig(
+    interval_s=1.0, t_min=0.0, t_max=0.1, target_load=0.8, kp=0.05, ki=0.02,
+    deadband=0.1, max_step=0.02, cooldown_s=5.0, queue_penalty=0.05,
+)
+
+
+def occupancy(ratio: float, expert: str = "a", now: float = 0.0) -> ExpertLoad:
+    """A load whose ratio is `ratio` (capacity 100 on one replica, no latency samples)."""
+    return ExpertLoad(
+        expert=expert, in_flight=round(ratio * 100), replicas=1, capacity_per_replica=100.0,
+        slo=SLOConfig(), timestamp=now,
+    )
+
+
+def run(ctrl: ThresholdController, trace: list[float], start: float = 0.0) -> list[ThresholdState]:
+    return [ctrl.step({"a": occupancy(r)}, now=start + i * CFG.interval_s) for i, r in enumerate(trace)]
+
+
+def direction_changes(ts: list[float]) -> int:
+    signs = [math.copysign(1, b - a) for a, b in itertools.pairwise(ts) if b != a]
+    return sum(1 for a, b in itertools.pairwise(signs) if a != b)
+
+
+def test_load_ratio_takes_the_worst_signal() -> None:
+    slo = SLOConfig(ttft_ms=1000, total_ms=10000)
+    base = {"expert": "a", "replicas": 2, "capacity_per_replica": 4.0, "slo": slo, "timestamp": 0.0}
+    assert ExpertLoad(in_flight=4, queued=2, **base).load_ratio() == pytest.approx(6 / 8)
+    assert ExpertLoad(in_flight=1, ttft_p99_ms=1500, **base).load_ratio() == pytest.approx(1.5)
+    assert ExpertLoad(in_flight=1, total_p99_ms=12000, ttft_p99_ms=None, **base).load_ratio() == pytest.approx(1.2)
+    zero = dict(base, replicas=0)
+    assert ExpertLoad(in_flight=4, **zero).load_ratio() == pytest.approx(1.0)  # replicas<1 counts as 1
+    load = ExpertLoad(in_flight=3, queued=1, ttft_p99_ms=900.0, **base)
+    assert ExpertLoad.from_dict(load.to_dict()) == load
+
+
+def test_capacity_per_replica_from_config() -> None:
+    cfg = parse_config({
+        "router": {"kind": "embedding", "fallback_expert": "a"},
+        "experts": [
+            {"name": "a", "description": "x", "domains": ["g"], "engine": "llama_cpp",
+             "source": {"path": "/m.gguf"}, "price_per_1k_tokens": 0, "max_ongoing_requests": 6},
+            {"name": "b", "description": "x", "domains": ["g"], "engine": "llama_cpp",
+             "source": {"path": "/m.gguf"}, "price_per_1k_tokens": 0,
+             "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 3}},
+        ],
+    })
+    assert capacity_per_replica(cfg.expert("a")) == 6.0
+    assert capacity_per_replica(cfg.expert("b")) == 3.0
+
+
+def test_t_rises_under_sustained_load_and_each_step_is_bounded() -> None:
+    ctrl = ThresholdController(CFG)
+    states = run(ctrl, [1.5] * 30)
+    ts = [CFG.t_min] + [s.t for s in states]
+    assert states[0].t > CFG.t_min
+    assert all(b >= a for a, b in itertools.pairwise(ts))
+    assert max(abs(b - a) for a, b in itertools.pairwise(ts)) <= CFG.max_step + 1e-12
+    assert states[-1].t == pytest.approx(CFG.t_max)
+    assert [s.version for s in states] == list(range(1, 31))
+    assert states[-1].load == pytest.approx(1.5) and states[-1].reason.startswith("hold: at t_max")
+
+
+def test_falls_back_to_t_min_after_the_burst_but_not_before_cooldown() -> None:
+    ctrl = ThresholdController(CFG)
+    burst = run(ctrl, [2.0] * 15)
+    assert burst[-1].t == pytest.approx(CFG.t_max)
+    last_overloaded = burst[-1].updated_at
+    after = run(ctrl, [0.0] * 30, start=15.0)
+    ts = [s.t for s in after]
+    # Nothing falls within cooldown_s of the last overloaded step, then t falls.
+    cooling = [s for s in after if s.updated_at - last_overloaded < CFG.cooldown_s]
+    assert cooling and all(s.t == CFG.t_max and "cooldown" in s.reason for s in cooling)
+    assert after[len(cooling)].t < CFG.t_max
+    assert all(b <= a for a, b in itertools.pairwise(ts))
+    # Back at rest within the bound: cooldown + ceil(range / max_step) periods.
+    bound = CFG.cooldown_s + math.ceil((CFG.t_max - CFG.t_min) / CFG.max_step) + 1
+    first_rest = next(i for i, t in enumerate(ts) if t == CFG.t_min)
+    assert first_rest <= bound
+    assert after[-1].t == CFG.t_min and after[-1].reason.startswith("hold: at t_min")
+    assert max(abs(b - a) for a, b in itertools.pairwise(ts)) <= CFG.max_step + 1e-12
+
+
+def test_low_but_nonzero_load_also_returns_t_to_rest() -> None:
+    ctrl = ThresholdController(CFG)
+    run(ctrl, [1.5] * 12)
+    after = run(ctrl, [0.3] * 40, start=12.0)
+    assert after[-1].t == CFG.t_min
+
+
+def test_returns_to_t_min_with_zero_gains() -> None:
+    cfg = CFG.model_copy(update={"kp": 0.0, "ki": 0.0})
+    ctrl = ThresholdController(cfg, initial=ThresholdState(t=0.1, version=7))
+    states = run(ctrl, [0.0] * 20)
+    assert states[0].version == 8
+    assert states[-1].t == cfg.t_min
+
+
+@pytest.mark.parametrize("level", [5.0, 50.0, 1e6])
+def test_stays_within_bounds_under_extreme_load(level: float) -> None:
+    ctrl = ThresholdController(CFG)
+    rng = random.Random(1)
+    trace = [level * rng.random() * 2 for _ in range(100)] + [0.0] * 20 + [level] * 20
+    for s in run(ctrl, trace):
+        assert CFG.t_min <= s.t <= CFG.t_max
+
+
+def test_flat_trace_at_target_with_noise_inside_deadband_does_not_move_t() -> None:
+    ctrl = ThresholdController(CFG, initial=ThresholdState(t=0.05))
+    rng = random.Random(0)
+    trace = [CFG.target_load + rng.uniform(-0.09, 0.09) for _ in range(200)]
+    ts = [s.t for s in run(ctrl, trace)]
+    assert set(ts) == {0.05}
+    assert direction_changes(ts) == 0
+
+
+def test_flat_overloaded_trace_converges_to_t_max_without_oscillating() -> None:
+    ctrl = ThresholdController(CFG)
+    rng = random.Random(2)
+    trace = [1.2 + rng.uniform(-0.05, 0.05) for _ in range(120)]
+    ts = [s.t for s in run(ctrl, trace)]
+    assert direction_changes(ts) == 0
+    assert ts[-1] == pytest.approx(CFG.t_max)
+
+
+def test_mildly_overloaded_trace_rises_monotonically() -> None:
+    ctrl = ThresholdController(CFG)
+    ts = [s.t for s in run(ctrl, [0.95] * 200)]  # error 0.15, just outside the deadband
+    assert direction_changes(ts) == 0 and all(b >= a for a, b in itertools.pairwise(ts))
+    assert ts[-1] == pytest.approx(CFG.t_max)
+
+
+def test_traffic_weighted_cluster_load_and_penalties() -> None:
+    loads = {"a": occupancy(2.0, "a"), "b": occupancy(0.2, "b"), "c": occupancy(0.9, "c")}
+    assert ThresholdController.cluster_load(loads) == pytest.approx(2.0)
+    share = {"a": 0.25, "b": 0.75}
+    assert ThresholdController.cluster_load(loads, share) == pytest.approx(0.25 * 2.0 + 0.75 * 0.2)
+    assert ThresholdController.cluster_load(loads, {"x": 1.0}) == pytest.approx(2.0)  # no weight: max
+    assert ThresholdController.cluster_load({}) == 0.0
+    state = ThresholdController(CFG).step(loads, now=0.0, traffic_share=share)
+    assert set(state.penalties) == {"a", "c"}
+    assert state.penalties["a"] == pytest.approx(CFG.queue_penalty * (2.0 - 0.8))
+    assert state.penalties["c"] == pytest.approx(CFG.queue_penalty * (0.9 - 0.8))
+    assert ThresholdState.from_dict(state.to_dict()) == state
+
+
+def test_quality_given_up() -> None:
+    scores = {"big": 0.9, "small": 0.85, "tiny": 0.5}
+    assert quality_given_up(scores, "big") == 0.0
+    assert quality_given_up(scores, "small") == pytest.approx(0.05)
+    assert quality_given_up(scores, "missing") == 0.0
+    assert quality_given_up({}, "x") == 0.0
+
+
+def test_latency_window_percentiles_and_expiry() -> None:
+    w = LatencyWindow(window_s=30.0, max_samples=1000)
+    assert w.p99() == (None, None)
+    for i in range(100):
+        w.add(float(i) * 0.1, ttft_ms=float(i + 1), total_ms=float(10 * (i + 1)))
+    assert w.p50() == (50.0, 500.0)
+    assert w.p99() == (99.0, 990.0)
+    w.add(10.0, ttft_ms=None, total_ms=5.0)  # no ttft: only total counts it
+    assert len(w) == 101 and w.p99().ttft_ms == 99.0
+    # Samples older than window_s expire as time moves on.
+    assert w.p99(now=35.0) == (100.0, 1000.0)  # those after t=5.0 remain
+    assert w.p99(now=41.0) == (None, None) and len(w) == 0
+
+
+def test_latency_window_caps_samples() -> None:
+    w = LatencyWindow(window_s=1e9, max_samples=10)
+    for i in range(100):
+        w.add(float(i), float(i), float(i))
+    assert len(w) == 10 and w.p50() == (94.0, 94.0)

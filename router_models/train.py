@@ -320,7 +320,10 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
         nll = [-np.log(softmax(q[has_best], t)[np.arange(len(labels)), labels] + 1e-12).mean() for t in temps]
         params.calib_temperature = float(temps[int(np.argmin(nll))])
     # Out of distribution: farther from the training data than 99% of validation queries.
-    params.ood_min_similarity = float(np.quantile(nn_sim, 0.01))
+    # Near-duplicate validation queries (sim ~ 1, e.g. long prompts sharing a prefix longer than the
+    # encoder's window) say nothing about the boundary; without enough others the OOD check stays off.
+    distinct = nn_sim[nn_sim < 0.999]
+    params.ood_min_similarity = float(np.quantile(distinct, 0.01)) if len(distinct) >= 20 else -1.0
     val_dec = decide_arrays(model, emb[va], 0.0)
     report = {
         "val_routerdc_acc": dc_val,
@@ -334,6 +337,7 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
         "calib_temperature": params.calib_temperature, "ood_min_similarity": params.ood_min_similarity,
         "val_fallback_share": float(np.mean(val_dec.ood | val_dec.low_confidence)),
         "n_train": len(tr), "n_val": len(va),
+        "val_near_duplicate_share": float(np.mean(nn_sim >= 0.999)),
     }
     for g, name in enumerate(group_names):
         report[f"shrinkage[{name}]"] = float(strength[g])

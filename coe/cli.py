@@ -151,6 +151,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         m = info.get(name, {})
         print(f"{name:<16}{e['status']:<14}{e['running_replicas']:>9}  {m.get('engine', '?'):<10}"
               f"{m.get('price_per_1k_tokens', 0):>9.4f}  {m.get('description', '')}")
+    try:
+        coe_state = httpx.get(f"{args.url}/v1/coe/state", timeout=10).json()
+    except (httpx.HTTPError, ValueError):
+        coe_state = {}
+    ctrl = coe_state.get("controller") or {}
+    th = ctrl.get("threshold") or coe_state.get("threshold")
+    if th:
+        print(f"threshold t = {th['t']:.4f} (version {th['version']}, range {ctrl.get('t_min', '?')}-"
+              f"{ctrl.get('t_max', '?')}, cluster load {th['load']:.2f}): {th['reason']}")
+    loads, share = ctrl.get("loads", {}), ctrl.get("routing_share", {})
+    if loads:
+        print(f"{'expert':<16}{'in flight':>10}{'replicas':>9}{'load':>7}{'p99 ms':>9}{'share':>7}{'penalty':>9}")
+        for name, lo in loads.items():
+            p99 = lo.get("total_p99_ms")
+            print(f"{name:<16}{lo['in_flight']:>10}{lo['replicas']:>9}{lo['load_ratio']:>7.2f}"
+                  f"{(f'{p99:.0f}' if p99 is not None else '-'):>9}{share.get(name, 0) * 100:>6.0f}%"
+                  f"{(th or {}).get('penalties', {}).get(name, 0):>9.3f}")
+    debt = ctrl.get("quality_debt")
+    if debt:
+        print(f"quality debt: {debt.get('total', 0):.4f} over {debt.get('requests', 0)} degraded requests "
+              f"{debt.get('per_expert', {})}")
     return 0 if state.get("ready") else 2
 
 

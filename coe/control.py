@@ -22,15 +22,12 @@ from coe.config import ControllerConfig, ExpertConfig, SLOConfig
 
 
 def capacity_per_replica(expert: ExpertConfig) -> float:
-    """Requests one replica of `expert` takes at load ratio 1.0.
+    """Requests one replica of `expert` takes at load ratio 1.0: the autoscaler's ``target_ongoing_requests``.
 
-    With autoscaling enabled (max_replicas > min_replicas) that is the autoscaler's
-    ``target_ongoing_requests``; with a fixed replica count, ``max_ongoing_requests``.
+    Not ``max_ongoing_requests``: that is admission (how much may wait inside a replica), while the target is
+    the load at which the replica still meets its latency, with or without autoscaling.
     """
-    auto = expert.autoscaling
-    if auto.max_replicas > auto.min_replicas:
-        return float(auto.target_ongoing_requests)
-    return float(expert.max_ongoing_requests)
+    return float(expert.autoscaling.target_ongoing_requests)
 
 
 @dataclass(kw_only=True)
@@ -151,7 +148,9 @@ class ThresholdController:
     * no load at all (signal 0) steers straight to the resting ``t_min``: after the cooldown t is
       back at ``t_min`` within ``ceil((t_max - t_min) / max_step)`` steps whatever the gains.
 
-    Per-expert routing penalties are ``queue_penalty * max(0, load_ratio - target_load)``.
+    Per-expert routing penalties are ``min(queue_penalty * max(0, load_ratio - target_load), t_max)``.
+    The cluster load weighs experts by ``traffic_share``; callers pass the demand share (requests whose
+    best predicted expert is that one), since that is the load a higher t relieves.
     """
 
     def __init__(self, cfg: ControllerConfig, initial: ThresholdState | None = None) -> None:
@@ -197,7 +196,8 @@ class ThresholdController:
         for name, load in loads.items():
             over = load.load_ratio() - self.cfg.target_load
             if over > 0 and self.cfg.queue_penalty > 0:
-                out[name] = self.cfg.queue_penalty * over
+                # Capped at t_max: a penalty gives up predicted quality just as t does, and never more.
+                out[name] = min(self.cfg.queue_penalty * over, self.cfg.t_max)
         return out
 
     # -- control ------------------------------------------------------------------------------

@@ -39,6 +39,11 @@ class SentenceEncoder:
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load sentence encoder '{path}': {err}") from err
         self.name = path
+        # Keep the end of long inputs: routed text is often a long shared prefix (system prompt, few-shot
+        # examples) followed by the actual question, and the encoder sees only max_seq_length tokens.
+        tok = getattr(self._model, "tokenizer", None)
+        if tok is not None:
+            tok.truncation_side = "left"
         dim_of = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self.dim = int(dim_of())
 

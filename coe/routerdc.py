@@ -60,7 +60,8 @@ class RouterDCParams:
 
 def encoder_fingerprint(encoder: SentenceEncoder) -> str:
     """A stable id of the encoder's behaviour: a hash of its embeddings of fixed probe sentences."""
-    probe = encoder.encode(["coe router fingerprint probe", "2 + 2 = 4", "def f(x): return x"])
+    long_probe = "shared few-shot prefix " * 200 + "which end of a long input does the encoder keep?"
+    probe = encoder.encode(["coe router fingerprint probe", "2 + 2 = 4", "def f(x): return x", long_probe])
     return hashlib.sha256(np.round(probe, 4).tobytes()).hexdigest()[:16]
 
 

@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve import Application
 
 from coe.config import CoeConfig, load_config, parse_config
+from deployments.controller import CoeController
 from deployments.expert import ExpertServer, expert_deployment_options
 from deployments.ingress import CoeIngress
 
@@ -51,14 +52,22 @@ def ingress_deployment_options(config: CoeConfig) -> dict[str, Any]:
     return opts
 
 
+def controller_deployment_options(config: CoeConfig) -> dict[str, Any]:
+    """The controller is a singleton; Serve restarts it if it dies (routing keeps the last t meanwhile)."""
+    return {"name": "CoeController", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.05},
+            "max_ongoing_requests": 1000, "health_check_period_s": 5}
+
+
 def build_from_config(config: CoeConfig) -> Application:
     """The Serve application for a validated config."""
     handles = {
         e.name: serve.deployment(ExpertServer).options(**expert_deployment_options(e)).bind(e.model_dump())
         for e in config.experts
     }
+    controller = serve.deployment(CoeController).options(**controller_deployment_options(config)).bind(
+        config.model_dump())
     ingress = serve.deployment(CoeIngress).options(**ingress_deployment_options(config))
-    return ingress.bind(config.model_dump(), handles)
+    return ingress.bind(config.model_dump(), handles, controller)
 
 
 def build_app(args: dict[str, Any] | AppArgs | None = None) -> Application:

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,8 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from coe.config import AUTO_MODEL, CoeConfig, ExpertConfig
+from coe.config import AUTO_MODEL, CoeConfig, ExpertConfig, RuntimeSettings
+from coe.control import LatencyWindow, ThresholdState, quality_given_up
 from coe.engines import EnginePrompt, SamplingParams
 from coe.errors import (
     CoeError,
@@ -90,7 +92,8 @@ class _Prepared:
 class CoeIngress:
     """The HTTP front door; holds one handle per expert."""
 
-    async def __init__(self, config: dict[str, Any], expert_handles: dict[str, DeploymentHandle]) -> None:
+    async def __init__(self, config: dict[str, Any], expert_handles: dict[str, DeploymentHandle],
+                       controller: DeploymentHandle | None = None) -> None:
         self.config = CoeConfig.model_validate(config)
         self.experts = {e.name: e for e in self.config.experts}
         self.handles = dict(expert_handles)
@@ -103,6 +106,125 @@ class CoeIngress:
             self._route_batched.set_max_batch_size(rc.batch_max_size)
             self._route_batched.set_batch_wait_timeout_s(rc.batch_wait_timeout_s)
         self.resting_threshold = rc.threshold if rc.kind == "routerdc" else 0.0
+        self._init_load_tracking(controller)
+
+    # ---------- load tracking and the controller's threshold ----------
+
+    def _init_load_tracking(self, controller: DeploymentHandle | None) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.controller = controller
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a replica (tests)
+            self.replica_id = uuid.uuid4().hex[:8]
+        self.in_flight: dict[str, int] = defaultdict(int)
+        self.latency = {name: LatencyWindow(window_s=10.0) for name in self.experts}
+        self.routed: dict[str, int] = defaultdict(int)
+        self.pending_debt: dict[str, list[float]] = defaultdict(list)
+        self.pending_usage: dict[str, dict[str, float]] = {}
+        self.pending_decisions: deque[dict[str, Any]] = deque(maxlen=2000)
+        self.state: ThresholdState | None = None
+        self._controller_down = False
+        settings = RuntimeSettings()
+        self.store = None
+        if settings.redis_url:
+            from coe.state import make_state_store
+
+            self.store = make_state_store(settings.redis_url)
+        self.m_requests = Counter("coe_requests", description="Requests answered, per expert.",
+                                  tag_keys=("expert", "routed"))
+        self.m_threshold = Gauge("coe_threshold", description="Threshold t this ingress replica applies.")
+        self.m_debt = Counter("coe_quality_debt", description="Predicted quality given up under load, per expert.",
+                              tag_keys=("expert",))
+        self.m_route_ms = Histogram("coe_router_latency_ms", description="Routing decision time (batch wait incl.).",
+                                    boundaries=[1, 2, 5, 10, 15, 20, 30, 50, 100, 200, 500])
+        self.m_fallbacks = Counter("coe_fallbacks", description="Fallback decisions by reason.", tag_keys=("reason",))
+        self.m_errors = Counter("coe_errors", description="Failed requests by error type.", tag_keys=("type",))
+        self._report_task = None
+        if controller is not None:
+            self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
+
+    async def _report_loop(self) -> None:
+        """Once per control interval: send this replica's load to the controller, take back t."""
+        interval = self.config.controller.interval_s
+        while True:
+            await asyncio.sleep(interval)
+            await self.report_once()
+
+    async def report_once(self) -> None:
+        now = time.time()
+        report = {
+            "in_flight": dict(self.in_flight),
+            "ttft_p99_ms": {n: w.p99(now).ttft_ms for n, w in self.latency.items()},
+            "total_p99_ms": {n: w.p99(now).total_ms for n, w in self.latency.items()},
+            "routed": dict(self.routed),
+            "debt": dict(self.pending_debt),
+            "usage": dict(self.pending_usage),
+            "decisions": list(self.pending_decisions),
+        }
+        self.routed.clear()
+        self.pending_debt.clear()
+        self.pending_usage.clear()
+        self.pending_decisions.clear()
+        state: ThresholdState | None = None
+        try:
+            assert self.controller is not None
+            state = ThresholdState.from_dict(await asyncio.wait_for(
+                self.controller.report.remote(self.replica_id, report), timeout=5.0))
+            if self._controller_down:
+                logger.info("load controller reachable again")
+            self._controller_down = False
+        except Exception as err:  # noqa: BLE001 - keep routing with the last t
+            if not self._controller_down:
+                logger.warning("load controller unreachable (%s): routing with the last t %.4f",
+                               type(err).__name__, self.current_threshold())
+            self._controller_down = True
+            if self.store is not None:  # another cluster's or the restarted controller's t
+                state = await self.store.get_threshold()
+        if state is not None:
+            self.state = state
+            self.m_threshold.set(state.t)
+
+    def current_threshold(self) -> float:
+        """The threshold for requests that do not set their own (the load controller moves it)."""
+        if self.state is None or not self.config.controller.enabled:
+            return self.resting_threshold
+        return max(self.state.t, self.resting_threshold)
+
+    def routing_penalties(self) -> dict[str, float] | None:
+        """Per-expert quality penalties from the load controller (None: no load information)."""
+        if self.state is None or not self.config.controller.enabled:
+            return None
+        return dict(self.state.penalties) or None
+
+    def _account_decision(self, request_id: str, decision: RoutingDecision, query: str) -> None:
+        # Demand, not placement: the controller weighs each expert by the requests it is best for.
+        self.routed[decision.extra.get("best_expert", decision.expert)] += 1
+        self.m_route_ms.observe(decision.extra.get("route_ms", 0.0))
+        if decision.reason.startswith("fallback:"):
+            self.m_fallbacks.inc(tags={"reason": decision.reason.split("(")[0].removeprefix("fallback:")})
+        best = decision.extra.get("best_expert")
+        if best and best != decision.expert and decision.expert in decision.scores and not \
+                decision.reason.startswith("fallback:"):
+            amount = quality_given_up({best: decision.scores[best], decision.expert: decision.scores[decision.expert]},
+                                      decision.expert)
+            if amount > 0:
+                self.pending_debt[decision.expert].append(amount)
+                self.m_debt.inc(amount, tags={"expert": decision.expert})
+        record = {"request_id": request_id, "expert": decision.expert, "scores": decision.scores,
+                  "t": decision.threshold, "reason": decision.reason,
+                  "latency_ms": round(decision.extra.get("route_ms", 0.0), 3), "ts": time.time()}
+        if self.config.controller.record_prompts:
+            record["prompt"] = query
+        self.pending_decisions.append(record)
+
+    def _account_usage(self, request: Request, expert: ExpertConfig, tokens: int) -> None:
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else "anonymous"
+        u = self.pending_usage.setdefault(key, {"tokens": 0, "cost_usd": 0.0})
+        u["tokens"] += tokens
+        u["cost_usd"] += tokens / 1000 * expert.price_per_1k_tokens
 
     # ---------- request handling ----------
 
@@ -131,14 +253,6 @@ class CoeIngress:
         t = asked if asked is not None else self.current_threshold()
         cap = options.max_quality_threshold if options is not None else None
         return min(t, cap) if cap is not None else t
-
-    def current_threshold(self) -> float:
-        """The threshold for requests that do not set their own (the load controller moves it)."""
-        return self.resting_threshold
-
-    def routing_penalties(self) -> dict[str, float] | None:
-        """Per-expert quality penalties from the load controller (None: no load information)."""
-        return None
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _route_batched(self, items: list[tuple[str, float]]) -> list[RoutingDecision]:
@@ -202,12 +316,23 @@ class CoeIngress:
             req = parse_request(req_cls, body)
             prep = await self._prepare(req)
             expert_name = prep.expert.name
+            if prep.decision is not None:
+                self._account_decision(request_id, prep.decision, req.query_text())
             headers = self._headers(prep)
             if req.stream:
                 include_usage = bool((req.stream_options or {}).get("include_usage"))
-                return await self._stream(kind, prep, headers, include_usage)
-            out = await self.handles[expert_name].generate.remote(prep.prompt, prep.params)
+                return await self._stream(kind, prep, headers, include_usage, request)
+            t0 = time.time()
+            self.in_flight[expert_name] += 1
+            try:
+                out = await self.handles[expert_name].generate.remote(prep.prompt, prep.params)
+            finally:
+                self.in_flight[expert_name] -= 1
+            ms = (time.time() - t0) * 1e3
+            self.latency[expert_name].add(time.time(), None, ms)
             usage = Usage.of(out["prompt_tokens"], out["completion_tokens"])
+            self._account_usage(request, prep.expert, usage.total_tokens)
+            self.m_requests.inc(tags={"expert": expert_name, "routed": str(prep.decision is not None).lower()})
             rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
             if kind == "chat":
                 payload = chat_response(rid, expert_name, out["text"], out["finish_reason"], usage)
@@ -216,20 +341,37 @@ class CoeIngress:
             return JSONResponse(payload, headers=headers)
         except Exception as exc:  # noqa: BLE001 - every error leaves as an OpenAI error body
             err = as_coe_error(exc)
+            self.m_errors.inc(tags={"type": err.error_type})
             if err.status_code >= 500:
                 logger.warning("request %s failed: %s", request_id, err.message)
             return error_response(err, expert_name)
 
     async def _stream(
-        self, kind: str, prep: _Prepared, headers: dict[str, str], include_usage: bool
+        self, kind: str, prep: _Prepared, headers: dict[str, str], include_usage: bool, request: Request
     ) -> Response:
-        gen = self.stream_handles[prep.expert.name].stream.remote(prep.prompt, prep.params)
+        name = prep.expert.name
+        t0 = time.time()
+        self.in_flight[name] += 1
+        done = False
+
+        def finish(ttft_ms: float | None) -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.in_flight[name] -= 1
+                self.latency[name].add(time.time(), ttft_ms, (time.time() - t0) * 1e3)
+
+        gen = self.stream_handles[name].stream.remote(prep.prompt, prep.params)
         # Wait for the first delta before answering, so errors found before generation
         # (context length, unavailable expert) get their real status instead of a 200 stream.
         try:
             first = await gen.__anext__()
         except StopAsyncIteration:
             first = None
+        except BaseException:
+            finish(None)
+            raise
+        ttft = (time.time() - t0) * 1e3
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         created = int(time.time())
         model = prep.expert.name
@@ -256,13 +398,16 @@ class CoeIngress:
             return frames
 
         async def body() -> AsyncIterator[str]:
+            tokens = 0
             try:
                 if kind == "chat":
                     yield frame(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
                 if first is not None:
                     for f in chunk_frames(first):
                         yield f
+                    tokens = first["prompt_tokens"] + first["completion_tokens"]
                     async for item in gen:
+                        tokens = item["prompt_tokens"] + item["completion_tokens"]
                         for f in chunk_frames(item):
                             yield f
             except asyncio.CancelledError:
@@ -270,7 +415,12 @@ class CoeIngress:
                 raise
             except Exception as exc:  # noqa: BLE001 - a mid-stream failure becomes an SSE error event
                 err = as_coe_error(exc)
+                self.m_errors.inc(tags={"type": err.error_type})
                 yield frame(err.to_body())
+            finally:
+                finish(ttft)
+                self._account_usage(request, prep.expert, tokens)
+                self.m_requests.inc(tags={"expert": name, "routed": str(prep.decision is not None).lower()})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(
@@ -344,6 +494,18 @@ class CoeIngress:
         @app.post("/v1/route")
         async def route(request: Request) -> Response:
             return await self._route_only(request)
+
+        @app.get("/v1/coe/state")
+        async def coe_state() -> Response:
+            state: dict[str, Any] = {"threshold": self.state.to_dict() if self.state else None,
+                                     "resting_threshold": self.resting_threshold,
+                                     "this_replica_in_flight": dict(self.in_flight)}
+            if self.controller is not None:
+                try:
+                    state["controller"] = await asyncio.wait_for(self.controller.get_state.remote(), timeout=5.0)
+                except Exception as err:  # noqa: BLE001
+                    state["controller"] = {"error": f"{type(err).__name__}: {err}"}
+            return JSONResponse(state, headers={"x-coe-expert": "none"})
 
         @app.get("/v1/models")
         async def models() -> Response:

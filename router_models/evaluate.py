@@ -221,7 +221,6 @@ def evaluate(router_dir: str | Path, files: list[str | Path], *, thresholds: tup
     has_costs = all(d.costs is not None for d, _, _ in per_file)
     mean_cost = (np.mean(np.concatenate([d.costs for d, _, _ in per_file]), axis=0)  # type: ignore[misc]
                  if has_costs else model.prices)
-    fallback = experts.index(model.params.fallback_expert)
     # Price tiers can hold several experts (e.g. equal parameter counts): strong = the most accurate of the
     # priciest tier, weak = the most accurate of the cheapest; the share counts calls to the whole top tier.
     overall = np.mean([c.mean(axis=0) for _, c, _ in per_file], axis=0)
@@ -243,11 +242,13 @@ def evaluate(router_dir: str | Path, files: list[str | Path], *, thresholds: tup
     acc_strong, acc_weak = acc_of(const[strong]), acc_of(const[weak])
     sweep = []
     for t in thresholds:
-        chosen = [decide_arrays(model, np.empty((len(d), 0)), t, parts).chosen for d, _, parts in per_file]
+        decs = [decide_arrays(model, np.empty((len(d), 0)), t, parts) for d, _, parts in per_file]
+        chosen = [x.chosen for x in decs]
         allc = np.concatenate(chosen)
+        fell_back = np.concatenate([x.ood | x.low_confidence for x in decs])
         c = cost_of(chosen)
         sweep.append(SweepPoint(t, acc_of(chosen), c, c / cost_strong, float(np.isin(allc, top_tier).mean()),
-                                float(np.mean(allc == fallback))))
+                                float(fell_back.mean())))
     acc_arr = np.array([p.accuracy for p in sweep])
     share = np.array([p.strong_share for p in sweep])
     gap = acc_strong - acc_weak

@@ -50,3 +50,15 @@ def client(coe_url: str):  # noqa: ANN201
     from openai import OpenAI
 
     return OpenAI(base_url=f"{coe_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture()
+def resting(coe_url: str) -> None:
+    """Wait until the load controller's t is back at rest (earlier tests may have loaded the experts)."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        th = (httpx.get(f"{coe_url}/v1/coe/state", timeout=10).json().get("controller") or {}).get("threshold")
+        if th is not None and th["t"] == 0.0:
+            return
+        time.sleep(0.5)
+    raise RuntimeError("the controller's t did not return to rest within 60 s")

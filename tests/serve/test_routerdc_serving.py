@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
+
+pytestmark = pytest.mark.usefixtures("resting")  # these tests assume the resting t = 0
 
 CODE_Q = "Write a Python function that merges two sorted lists."
 PRICE = {"general": 0.0002, "code": 0.0003, "translation": 0.0001}  # cpu-default's prices

@@ -58,13 +58,14 @@ def test_capacity_per_replica_from_config() -> None:
         "router": {"kind": "embedding", "fallback_expert": "a"},
         "experts": [
             {"name": "a", "description": "x", "domains": ["g"], "engine": "llama_cpp",
-             "source": {"path": "/m.gguf"}, "price_per_1k_tokens": 0, "max_ongoing_requests": 6},
+             "source": {"path": "/m.gguf"}, "price_per_1k_tokens": 0, "max_ongoing_requests": 6,
+             "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2}},
             {"name": "b", "description": "x", "domains": ["g"], "engine": "llama_cpp",
              "source": {"path": "/m.gguf"}, "price_per_1k_tokens": 0,
              "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 3}},
         ],
     })
-    assert capacity_per_replica(cfg.expert("a")) == 6.0
+    assert capacity_per_replica(cfg.expert("a")) == 2.0  # the target, not the admission limit
     assert capacity_per_replica(cfg.expert("b")) == 3.0
 
 

@@ -1,0 +1,75 @@
+"""The load-aware controller in the running service: load raises t, idle brings it back."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+
+def _state(url: str) -> dict:
+    return httpx.get(f"{url}/v1/coe/state", timeout=10).json()
+
+
+def _t(url: str) -> float:
+    th = (_state(url).get("controller") or {}).get("threshold")
+    return float(th["t"]) if th else -1.0
+
+
+def _wait_for(cond, timeout: float) -> bool:  # noqa: ANN001
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_concurrent_load_raises_t_and_idle_brings_it_back(coe_url: str) -> None:
+    assert _wait_for(lambda: _t(coe_url) == 0.0, 40), _state(coe_url)
+
+    def one(i: int) -> int:
+        r = httpx.post(f"{coe_url}/v1/chat/completions", timeout=300, json={
+            "model": "general", "messages": [{"role": "user", "content": f"Tell me a story about the number {i}."}],
+            "max_tokens": 48, "temperature": 0})
+        return r.status_code
+
+    seen: list[float] = []
+    routed_t: list[float] = []
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(one, i) for i in range(32)]
+        while not all(f.done() for f in futures):
+            seen.append(_t(coe_url))
+            d = httpx.post(f"{coe_url}/v1/route", timeout=30,
+                           json={"prompt": "Write a Python function that merges two sorted lists."}).json()
+            routed_t.append(d["threshold"])
+            time.sleep(0.5)
+        assert all(f.result() == 200 for f in futures)
+    assert max(seen) > 0.0, seen
+    assert max(routed_t) > 0.0, "coe-auto requests must use the controller's raised t"
+    st = _state(coe_url)["controller"]
+    assert st["t_min"] <= max(seen) <= st["t_max"]
+    # Idle: back to the resting t within the cooldown plus (t_max - t_min) / max_step periods.
+    assert _wait_for(lambda: _t(coe_url) == 0.0, 30), _state(coe_url)
+    assert len(st["history"]) > 5
+
+
+def test_premium_requests_are_never_degraded_by_the_cap(coe_url: str) -> None:
+    d = httpx.post(f"{coe_url}/v1/route", timeout=30, json={
+        "prompt": "Write a Python function that merges two sorted lists.", "coe": {"max_quality_threshold": 0}}).json()
+    assert d["threshold"] == 0.0
+
+
+def test_status_prints_threshold_and_loads(coe_url: str) -> None:
+    from coe.cli import main
+
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        main(["status", "--url", coe_url])
+    out = buf.getvalue()
+    assert "threshold t = " in out
+    assert "in flight" in out and "general" in out

@@ -174,7 +174,13 @@ class RouterDCRouter(Router):
                    penalties: dict[str, float] | None = None) -> list[RoutingDecision]:
         """One encoder pass for the batch; each query with its own threshold (None: the default)."""
         t = np.array([self.default_threshold if x is None else x for x in thresholds], dtype=np.float64)
-        return decide(self.model, self.encoder.encode(queries), t, penalties)
+        pen = None
+        if penalties:
+            # A penalty gives up predicted quality like t does: never more than the request's own t, so a
+            # request capped at t = 0 (premium) is never moved off its best expert by load.
+            vec = np.array([penalties.get(x, 0.0) for x in self.model.params.experts])
+            pen = np.minimum(vec[None, :], t[:, None])
+        return decide(self.model, self.encoder.encode(queries), t, pen)
 
 
 @dataclass
@@ -193,7 +199,7 @@ class Decisions:
 
 def decide_arrays(model: RouterDCModel, emb: np.ndarray, threshold: float | np.ndarray,
                   parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                  penalties: dict[str, float] | None = None) -> Decisions:
+                  penalties: dict[str, float] | np.ndarray | None = None) -> Decisions:
     """Decisions for encoder embeddings; `parts` = a precomputed `model.quality(emb)` (for t sweeps).
 
     `penalties` (expert -> quality points) are subtracted from the predicted quality before choosing, so
@@ -201,7 +207,9 @@ def decide_arrays(model: RouterDCModel, emb: np.ndarray, threshold: float | np.n
     """
     p = model.params
     q, _, nn_sim = parts if parts is not None else model.quality(emb)
-    q_used = q - np.array([penalties.get(x, 0.0) for x in p.experts])[None, :] if penalties else q
+    if isinstance(penalties, dict):
+        penalties = np.array([penalties.get(x, 0.0) for x in p.experts])[None, :] if penalties else None
+    q_used = q - penalties if penalties is not None else q
     conf = softmax(q, p.calib_temperature)
     top2 = np.sort(conf, axis=1)[:, -2:] if conf.shape[1] > 1 else np.concatenate([conf * 0, conf], 1)
     best = q.argmax(axis=1)
@@ -215,7 +223,7 @@ def decide_arrays(model: RouterDCModel, emb: np.ndarray, threshold: float | np.n
 
 
 def decide(model: RouterDCModel, emb: np.ndarray, threshold: float | np.ndarray,
-           penalties: dict[str, float] | None = None) -> list[RoutingDecision]:
+           penalties: dict[str, float] | np.ndarray | None = None) -> list[RoutingDecision]:
     """Decisions for encoder embeddings (shared by serving and evaluation)."""
     p = model.params
     d = decide_arrays(model, emb, threshold, penalties=penalties)

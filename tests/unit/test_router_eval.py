@@ -110,6 +110,9 @@ def test_per_request_thresholds_and_penalties_in_one_batch(small: dict) -> None:
     price = router.model.params.prices
     assert price[d1.expert] <= price[d0.expert]
     # A large penalty on the chosen expert moves traffic off it; the reported scores stay unpenalised.
-    (dp,) = router.route_each(q[:1], [0.0], penalties={d0.expert: 10.0})
+    (dp,) = router.route_each(q[:1], [1.0], penalties={d0.expert: 10.0})
     assert dp.expert != d0.expert
     assert dp.scores == d0.scores
+    # ... but never beyond the request's own t: at t = 0 (premium) load cannot move it.
+    (dz,) = router.route_each(q[:1], [0.0], penalties={d0.expert: 10.0})
+    assert dz.expert == d0.expert

@@ -54,13 +54,14 @@ def client(coe_url: str):  # noqa: ANN201
 
 @pytest.fixture()
 def resting(coe_url: str) -> None:
-    """Wait until the load controller's t is back at rest (earlier tests may have loaded the experts)."""
+    """Wait until t and the load penalties are back at rest (earlier tests may have loaded the experts)."""
     deadline = time.time() + 60
     while time.time() < deadline:
         st = httpx.get(f"{coe_url}/v1/coe/state", timeout=10).json()
         ctrl = (st.get("controller") or {}).get("threshold")
         mine = st.get("threshold")  # what this ingress replica applies (refreshed once per interval)
-        if ctrl is not None and mine is not None and ctrl["t"] == 0.0 and mine["t"] == 0.0:
+        if (ctrl is not None and mine is not None and ctrl["t"] == 0.0 and mine["t"] == 0.0
+                and not mine["penalties"]):  # no expert still penalised for recent load
             return
         time.sleep(0.5)
     raise RuntimeError("the controller's t did not return to rest within 60 s")

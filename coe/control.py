@@ -18,7 +18,34 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from coe.config import ControllerConfig, ExpertConfig, SLOConfig
+
+
+def choose_within_threshold(quality: np.ndarray, prices: np.ndarray, threshold: float | np.ndarray,
+                            penalties: np.ndarray | None = None) -> np.ndarray:
+    """The routing rule (HybridLLM's threshold, made load-aware): one expert index per row of `quality`.
+
+    Candidates are the experts whose quality minus their load penalty is within `threshold` (scalar or one
+    per row) of the row's best *unpenalised* quality; the cheapest candidate wins (ties: higher quality).
+    With no candidate (the best expert is loaded beyond the request's t) the best expert is kept. So:
+
+    * no request ever gets an expert more than its own t below its best (t = 0 always gets the best);
+    * a loaded expert leaves the candidate set first, whether it is the best or a cheaper alternative,
+      so raising t under load never pours diverted traffic into an expert that is itself overloaded.
+
+    `penalties`: shape (k,) or (n, k), quality points; None for none. Shared by the serving router
+    (:meth:`coe.routerdc.RouterDCModel.choose`) and ``scripts/simulate.py``.
+    """
+    q = np.asarray(quality, dtype=np.float64)
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(q),))[:, None]
+    q_used = q if penalties is None else q - np.broadcast_to(np.asarray(penalties, dtype=np.float64), q.shape)
+    ok = q_used >= q.max(axis=1, keepdims=True) - t - 1e-12
+    price = np.where(ok, np.asarray(prices, dtype=np.float64)[None, :], np.inf)
+    cheapest = ok & (price <= price.min(axis=1, keepdims=True))
+    pick = np.where(cheapest, q, -np.inf).argmax(axis=1)
+    return np.where(ok.any(axis=1), pick, q.argmax(axis=1))
 
 
 def capacity_per_replica(expert: ExpertConfig) -> float:
@@ -148,7 +175,9 @@ class ThresholdController:
     * no load at all (signal 0) steers straight to the resting ``t_min``: after the cooldown t is
       back at ``t_min`` within ``ceil((t_max - t_min) / max_step)`` steps whatever the gains.
 
-    Per-expert routing penalties are ``min(queue_penalty * max(0, load_ratio - target_load), t_max)``.
+    Per-expert routing penalties are ``min(queue_penalty * max(0, load_ratio - target_load), t_max)``; the
+    router drops an expert from a request's cheaper alternatives once its penalty exceeds that request's slack
+    (see :func:`choose_within_threshold`).
     The cluster load weighs experts by ``traffic_share``; callers pass the demand share (requests whose
     best predicted expert is that one), since that is the load a higher t relieves.
     """

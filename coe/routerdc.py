@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from coe.control import choose_within_threshold
 from coe.encoder import SentenceEncoder
 from coe.errors import RouterArtifactError
 from coe.routing import Router, RoutingDecision
@@ -135,13 +136,10 @@ class RouterDCModel:
         a = self.params.alpha
         return a * p_scaled + (1 - a) * q_knn
 
-    def choose(self, q: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
-        """Cheapest expert within `threshold` (scalar or per row) of the best predicted quality (ties: quality)."""
-        t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(q),))[:, None]
-        ok = q >= q.max(axis=1, keepdims=True) - t - 1e-12
-        price = np.where(ok, self.prices[None, :], np.inf)
-        cheapest = ok & (price <= price.min(axis=1, keepdims=True))
-        return np.where(cheapest, q, -np.inf).argmax(axis=1)
+    def choose(self, q: np.ndarray, threshold: float | np.ndarray,
+               penalties: np.ndarray | None = None) -> np.ndarray:
+        """Cheapest expert within `threshold` of the best predicted quality, load penalties applied."""
+        return choose_within_threshold(q, self.prices, threshold, penalties)
 
 
 class RouterDCRouter(Router):
@@ -174,13 +172,9 @@ class RouterDCRouter(Router):
                    penalties: dict[str, float] | None = None) -> list[RoutingDecision]:
         """One encoder pass for the batch; each query with its own threshold (None: the default)."""
         t = np.array([self.default_threshold if x is None else x for x in thresholds], dtype=np.float64)
-        pen = None
-        if penalties:
-            # A penalty gives up predicted quality like t does: never more than the request's own t, so a
-            # request capped at t = 0 (premium) is never moved off its best expert by load.
-            vec = np.array([penalties.get(x, 0.0) for x in self.model.params.experts])
-            pen = np.minimum(vec[None, :], t[:, None])
-        return decide(self.model, self.encoder.encode(queries), t, pen)
+        # Penalties only remove loaded experts from a request's candidates: no request is ever routed further
+        # than its own t below its best, so premium requests (t = 0) are never moved by load.
+        return decide(self.model, self.encoder.encode(queries), t, penalties)
 
 
 @dataclass
@@ -195,6 +189,7 @@ class Decisions:
     nn_similarity: np.ndarray  # (n,) similarity to the nearest training query
     ood: np.ndarray  # (n,) bool
     low_confidence: np.ndarray  # (n,) bool
+    load_shifted: np.ndarray  # (n,) bool: the load penalties changed the choice
 
 
 def decide_arrays(model: RouterDCModel, emb: np.ndarray, threshold: float | np.ndarray,
@@ -202,24 +197,24 @@ def decide_arrays(model: RouterDCModel, emb: np.ndarray, threshold: float | np.n
                   penalties: dict[str, float] | np.ndarray | None = None) -> Decisions:
     """Decisions for encoder embeddings; `parts` = a precomputed `model.quality(emb)` (for t sweeps).
 
-    `penalties` (expert -> quality points) are subtracted from the predicted quality before choosing, so
-    traffic leaves a loaded expert first (the load controller sets them); scores reported stay unpenalised.
+    `penalties` (expert -> quality points, from the load controller) take loaded experts out of each request's
+    candidates (:func:`coe.control.choose_within_threshold`); the scores reported stay unpenalised.
     """
     p = model.params
     q, _, nn_sim = parts if parts is not None else model.quality(emb)
     if isinstance(penalties, dict):
         penalties = np.array([penalties.get(x, 0.0) for x in p.experts])[None, :] if penalties else None
-    q_used = q - penalties if penalties is not None else q
     conf = softmax(q, p.calib_temperature)
     top2 = np.sort(conf, axis=1)[:, -2:] if conf.shape[1] > 1 else np.concatenate([conf * 0, conf], 1)
     best = q.argmax(axis=1)
     confidence = conf[np.arange(len(q)), best]
     ood = nn_sim < p.ood_min_similarity
     low = ~ood & (confidence < p.min_confidence)
-    chosen = model.choose(q_used, threshold)
+    chosen = model.choose(q, threshold, penalties)
+    shifted = chosen != model.choose(q, threshold) if penalties is not None else np.zeros(len(q), dtype=bool)
     chosen = np.where(ood | low, p.experts.index(p.fallback_expert), chosen)
     return Decisions(chosen=chosen, best=best, quality=q, confidence=confidence, margin=top2[:, 1] - top2[:, 0],
-                     nn_similarity=nn_sim, ood=ood, low_confidence=low)
+                     nn_similarity=nn_sim, ood=ood, low_confidence=low, load_shifted=shifted & ~(ood | low))
 
 
 def decide(model: RouterDCModel, emb: np.ndarray, threshold: float | np.ndarray,
@@ -237,6 +232,8 @@ def decide(model: RouterDCModel, emb: np.ndarray, threshold: float | np.ndarray,
             reason = f"fallback:ood(nn_sim={nn:.3f}<{p.ood_min_similarity:.3f})"
         elif d.low_confidence[i]:
             reason = f"fallback:low_confidence({confidence:.3f}<{p.min_confidence})"
+        elif d.load_shifted[i]:
+            reason = f"load_shift(t={threshold_i:g})"
         elif k != best:
             reason = f"cheaper_within_threshold(t={threshold_i:g})"
         else:

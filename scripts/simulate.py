@@ -10,7 +10,8 @@ Drives the product's own :class:`coe.control.ThresholdController` (not a copy) a
   ``--autoscale-delay`` s of cold start; scale-down after ``--downscale-cooldown`` s below target);
 * requests: open-loop Poisson arrivals (baseline, a burst, baseline again), each with a predicted
   quality per expert (query domains with a best specialist and a few cheaper near-equal alternatives);
-* routing: the router's rule, cheapest expert whose penalised quality is within t of the best;
+* routing: the router's own rule (:func:`coe.control.choose_within_threshold`): cheapest expert whose
+  penalised quality is within t of the best, loaded experts dropping out of the candidates first;
 * control: every ``interval_s`` the experts' :class:`coe.control.ExpertLoad` go into
   ``controller.step``; the new t and penalties apply to the following arrivals.
 
@@ -51,6 +52,7 @@ from coe.control import (
     LatencyWindow,
     ThresholdController,
     capacity_per_replica,
+    choose_within_threshold,
 )
 
 
@@ -215,16 +217,8 @@ def make_traffic(scn: Scenario, n_experts: int) -> tuple[Traffic, np.ndarray, np
 
 
 def route(q: np.ndarray, prices: np.ndarray, t: float, penalty: np.ndarray | None) -> np.ndarray:
-    """The router's rule (replicates coe/routerdc.py RouterDCModel.choose on penalised quality).
-
-    Cheapest expert whose quality minus its penalty is within t of the best penalised quality; ties by
-    quality. Replicated here rather than imported so the simulation needs no router artifact.
-    """
-    qu = q - penalty[None, :] if penalty is not None else q
-    ok = qu >= qu.max(axis=1, keepdims=True) - t - 1e-12
-    price = np.where(ok, prices[None, :], np.inf)
-    cheapest = ok & (price <= price.min(axis=1, keepdims=True))
-    return np.where(cheapest, qu, -np.inf).argmax(axis=1)
+    """The router's rule: the product's own :func:`coe.control.choose_within_threshold` (no artifact needed)."""
+    return choose_within_threshold(q, prices, t, penalty)
 
 
 def provision(scn: Scenario, experts: list[SimExpert], means: np.ndarray, weights: np.ndarray,

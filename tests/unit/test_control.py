@@ -6,6 +6,7 @@ import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 
 from coe.config import ControllerConfig, SLOConfig, parse_config
@@ -191,3 +192,45 @@ def test_latency_window_caps_samples() -> None:
     for i in range(100):
         w.add(float(i), float(i), float(i))
     assert len(w) == 10 and w.p50() == (94.0, 94.0)
+
+
+# -- the routing rule under load ------------------------------------------------------------------------
+
+
+def test_choose_without_penalties_is_hybridllm() -> None:
+    from coe.control import choose_within_threshold
+
+    rng = np.random.default_rng(3)
+    q = rng.uniform(0, 1, (400, 5))
+    prices = np.array([5.0, 1.0, 3.0, 0.5, 2.0])
+    for t in (0.0, 0.1, 0.3, 1.0):
+        got = choose_within_threshold(q, prices, t)
+        for row, k in zip(q, got):
+            ok = np.flatnonzero(row >= row.max() - t - 1e-12)
+            assert k == ok[np.argmin(prices[ok])]  # the cheapest within t (no ties in random data)
+
+
+def test_penalties_never_route_beyond_t_and_drop_loaded_alternatives() -> None:
+    from coe.control import choose_within_threshold
+
+    rng = np.random.default_rng(4)
+    q = rng.uniform(0, 1, (2000, 6))
+    prices = np.geomspace(0.1, 10.0, 6)
+    pen = rng.uniform(0, 0.4, 6)
+    for t in (0.0, 0.05, 0.2):
+        got = choose_within_threshold(q, prices, t, pen)
+        given_up = q.max(1) - q[np.arange(len(q)), got]
+        assert (given_up <= t + 1e-12).all()  # never more than the request's own t
+        if t == 0.0:
+            assert np.array_equal(got, q.argmax(1))  # premium: always the best, whatever the load
+    # A cheap alternative within t is used while idle and dropped once loaded beyond its slack.
+    q1 = np.array([[0.90, 0.85, 0.50]])
+    prices1 = np.array([3.0, 1.0, 0.1])
+    assert choose_within_threshold(q1, prices1, 0.1)[0] == 1
+    assert choose_within_threshold(q1, prices1, 0.1, np.array([0.0, 0.06, 0.0]))[0] == 0
+    # The loaded best expert leaves first: a pricier alternative within t takes its request.
+    q2 = np.array([[0.90, 0.88]])
+    assert choose_within_threshold(q2, np.array([1.0, 2.0]), 0.05, np.array([0.2, 0.0]))[0] == 1
+    # ... unless t is 0, or nothing else is within t: then the best is kept.
+    assert choose_within_threshold(q2, np.array([1.0, 2.0]), 0.0, np.array([0.2, 0.0]))[0] == 0
+    assert choose_within_threshold(q2, np.array([1.0, 2.0]), 0.01, np.array([0.2, 0.0]))[0] == 0

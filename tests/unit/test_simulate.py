@@ -45,10 +45,10 @@ def test_route_is_the_routers_rule(sim: ModuleType) -> None:
     q = rng.uniform(0.0, 1.0, (500, 6))
     prices = np.array([0.1, 0.4, 0.2, 3.0, 1.0, 0.05])
     model = SimpleNamespace(prices=prices)  # choose() reads only the prices
+    pen = np.array([0.0, 0.3, 0.0, 0.1, 0.0, 0.2])
     for t in (0.0, 0.05, 0.2, 1.0):
         assert np.array_equal(sim.route(q, prices, t, None), RouterDCModel.choose(model, q, t))
-    pen = np.array([0.0, 0.3, 0.0, 0.1, 0.0, 0.2])
-    assert np.array_equal(sim.route(q, prices, 0.1, pen), RouterDCModel.choose(model, q - pen, 0.1))
+        assert np.array_equal(sim.route(q, prices, t, pen), RouterDCModel.choose(model, q, t, pen))
 
 
 def test_no_queueing_latency_is_the_service_time(sim: ModuleType) -> None:

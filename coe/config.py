@@ -288,7 +288,8 @@ class ControllerConfig(StrictModel):
     max_step: float = Field(0.02, gt=0.0, description="Largest change of t per interval.")
     cooldown_s: float = Field(5.0, ge=0.0, description="After a rise, wait this long before t may fall.")
     queue_penalty: float = Field(
-        0.05, ge=0.0, description="Routing score penalty per unit of an expert's load above target_load."
+        0.25, ge=0.0, description="Routing penalty (quality points) per unit of an expert's load above "
+        "target_load; a request's cheaper alternative drops out once its penalty exceeds the request's slack."
     )
     cache_s: float = Field(1.0, gt=0.0, description="How long an ingress replica reuses the last t it read.")
     record_prompts: bool = Field(False, description="Store prompt text in the decision stream (off: ids only).")

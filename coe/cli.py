@@ -57,9 +57,13 @@ def ensure_router_artifact(config: CoeConfig, *, demo_ok: bool) -> None:
 
 
 def start_local_serve(
-    config_ref: str | CoeConfig, *, port: int | None = None, num_cpus: int | None = None, dashboard: bool = True
+    config_ref: str | CoeConfig, *, port: int | None = None, num_cpus: int | None = None, dashboard: bool = True,
+    log_to_driver: bool = True,
 ) -> dict[str, Any]:
-    """Start a local Ray bound to loopback, deploy coe, wait until ready. Returns {url, app_name}."""
+    """Start a local Ray bound to loopback, deploy coe, wait until ready. Returns {url, app_name}.
+
+    `log_to_driver` False keeps the replicas' logs in Ray's log files only (benchmarks with a progress bar).
+    """
     _loopback_ray_env()
     import ray
     from ray import serve
@@ -78,6 +82,7 @@ def start_local_serve(
         dashboard_host="127.0.0.1",
         configure_logging=True,
         logging_level="WARNING",
+        log_to_driver=log_to_driver,
     )
     serve.start(
         http_options={

@@ -41,7 +41,8 @@ class TrainConfig:
     knn_taus: tuple[float, ...] = (0.05, 1.0)
     strengths: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
     prior_weight_decay: float = 1e-3
-    min_val_for_fusion: int = 200  # validation queries needed to fit the RouterDC/kNN fusion weight
+    min_val_for_fusion: int = 200  # queries needed to fit the RouterDC/kNN fusion weight (out-of-fold)
+    fusion_tolerance: float = 0.25  # the smallest alpha within this many points of the best CV accuracy
 
 
 def cached_encode(encoder: SentenceEncoder, texts: list[str], cache_dir: Path | None = None,
@@ -174,6 +175,48 @@ def cross_validate_shrinkage(emb: np.ndarray, correct: np.ndarray, groups: np.nd
     return cfg.knn_ks[a], cfg.knn_taus[b], strength, chosen_acc
 
 
+def cross_validate_fusion(emb: np.ndarray, correct: np.ndarray, clusters: np.ndarray, tasks: np.ndarray,
+                          groups: np.ndarray, n_groups: int, params: RouterDCParams, strength: np.ndarray,
+                          cfg: TrainConfig, progress: bool) -> tuple[float, list[float]]:
+    """The RouterDC/kNN fusion weight alpha by K-fold CV on the training split; returns (alpha, accuracy per alpha).
+
+    Each fold trains the RouterDC head and builds the kNN index and prior on the other folds, and predicts
+    its own queries; alpha is then fitted on all out-of-fold predictions at once (every training query, not
+    a small validation split): the smallest alpha within ``fusion_tolerance`` points of the best.
+    """
+    import copy
+
+    import faiss
+
+    rng = np.random.default_rng(cfg.seed + 1)
+    folds = np.zeros(len(emb), dtype=int)
+    for g in range(n_groups):
+        idx = np.flatnonzero(groups == g)
+        rng.shuffle(idx)
+        folds[idx] = np.arange(len(idx)) % cfg.cv_folds
+    p_dc = np.zeros_like(correct, dtype=np.float64)
+    q_knn = np.zeros_like(correct, dtype=np.float64)
+    fold_params = copy.deepcopy(params)
+    for f in tqdm(range(cfg.cv_folds), desc="cross-validating the fusion weight", disable=not progress,
+                  unit="fold"):
+        tr, va = folds != f, folds == f
+        w, b, e, _ = _train_dual_contrastive(emb[tr], correct[tr], clusters[tr], cfg, emb[va], correct[va],
+                                             tasks[va], False)
+        prior = fit_prior(emb[tr], correct[tr], groups[tr], n_groups, cfg.prior_weight_decay, strength)
+        index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(np.ascontiguousarray(emb[tr]))
+        m = RouterDCModel(fold_params, w, b, e, index, correct[tr], prior)
+        p_dc[va] = softmax(m.dc_logits(emb[va]))
+        q_knn[va] = m.knn(emb[va])[0]
+    alphas = np.linspace(0, 1, 11)
+    fits = []
+    for alpha in alphas:
+        fold_params.alpha = float(alpha)
+        fits.append(task_mean_accuracy(correct, m.fuse(p_dc, q_knn).argmax(1), tasks))
+    ok = [i for i, f in enumerate(fits) if f >= max(fits) - cfg.fusion_tolerance]
+    return float(alphas[ok[0]]), fits
+
+
 def _train_dual_contrastive(emb: np.ndarray, correct: np.ndarray, clusters: np.ndarray, cfg: TrainConfig,
                             val_emb: np.ndarray, val_correct: np.ndarray, val_tasks: np.ndarray, progress: bool
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -249,8 +292,9 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
     1. Hold out a validation split (stratified by task); everything below is fitted on the rest.
     2. RouterDC: dual contrastive training of the head and expert embeddings.
     3. Group prior and kNN shrinkage, chosen by K-fold cross-validation on the training split.
-    4. On validation: the fusion weight alpha, the confidence temperature, the OOD threshold.
-    5. The prior and the FAISS index are refitted on all training queries (train + validation).
+    4. The fusion weight alpha by K-fold CV on the training split (out-of-fold RouterDC and kNN predictions).
+    5. On validation: the confidence temperature, the OOD threshold (and the reported accuracies).
+    6. The prior and the FAISS index are refitted on all training queries (train + validation).
     """
     import faiss
 
@@ -296,19 +340,17 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
         return RouterDCModel(params, w, b, e, index, correct[rows], prior)
 
     model = build(tr)
-    # Fusion weight on validation, never on test files.
+    # Fusion weight by cross-validation on the training split (never on test files); the validation split
+    # only reports it. Below min_val_for_fusion training queries the RouterDC side is not trusted: alpha = 0.
     p_dc_val = softmax(model.dc_logits(emb[va]))
     q_knn_val, nn_sim = model.knn(emb[va])
-    fits = []
-    for alpha in np.linspace(0, 1, 11):
-        params.alpha = float(alpha)
-        fits.append(task_mean_accuracy(correct[va], model.fuse(p_dc_val, q_knn_val).argmax(1), tasks[va]))
-    # The kNN/prior side is already cross-validated; the RouterDC weight must earn its place on validation
-    # (the smallest alpha within 0.5 points of the best: a small validation split is noisy).
-    # Below min_val_for_fusion validation queries the split is too small to trust: keep alpha = 0.
-    ok = [i for i, f in enumerate(fits) if f >= max(fits) - 0.5] if len(va) >= cfg.min_val_for_fusion else [0]
-    params.alpha = float(np.linspace(0, 1, 11)[ok[0]])
-    fused_val = fits[ok[0]]
+    cv_fusion: list[float] = []
+    if len(tr) >= cfg.min_val_for_fusion:
+        params.alpha, cv_fusion = cross_validate_fusion(emb[tr], correct[tr], clusters[:, 0], tasks[tr], groups[tr],
+                                                        n_groups, params, strength, cfg, progress)
+    else:
+        params.alpha = 0.0
+    fused_val = task_mean_accuracy(correct[va], model.fuse(p_dc_val, q_knn_val).argmax(1), tasks[va])
 
     # Calibrate confidence: temperature minimising NLL of "the best expert on this query".
     q = model.fuse(p_dc_val, q_knn_val)
@@ -333,7 +375,8 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
         "val_best_single_acc": task_mean_accuracy(correct[va], np.full(len(va), data.experts.index(best_single)),
                                                   tasks[va]),
         "val_oracle_acc": task_mean_accuracy(correct[va], correct[va].argmax(1), tasks[va]),
-        "cv_knn_prior_acc": cv_acc, "alpha": params.alpha, "knn_k": params.knn_k, "knn_tau": params.knn_tau,
+        "cv_knn_prior_acc": cv_acc, "cv_fused_acc": cv_fusion[int(round(params.alpha * 10))] if cv_fusion else float("nan"),
+        "alpha": params.alpha, "knn_k": params.knn_k, "knn_tau": params.knn_tau,
         "calib_temperature": params.calib_temperature, "ood_min_similarity": params.ood_min_similarity,
         "val_fallback_share": float(np.mean(val_dec.ood | val_dec.low_confidence)),
         "n_train": len(tr), "n_val": len(va),

@@ -8,9 +8,10 @@ cpu-default; the variant is written to ``--out/loadtest-config.yaml``):
 * the priciest expert (the premium one) answers with ``--premium-tokens`` tokens and the others with
   ``--tokens``: on this CPU the experts are the same small models, so answer length stands in for the
   bigger, slower model a premium expert is in production;
-* every expert's SLO (p99 total latency) is ``--slo-s`` and its capacity target ``--target-ongoing``.
+* every expert's SLO (p99 total latency) is ``--slo-s``; its capacity target (requests in flight per replica at
+  load 1.0) ``--premium-target-ongoing`` for the premium expert and ``--target-ongoing`` for the others.
 
-Then it measures each expert's service time (sequential requests), finds the premium expert's capacity C
+Then it measures each expert's mean service time (its prompts of the mix, one at a time), finds the premium expert's capacity C
 (requests/s at one request per replica) and the prompt mix's demand on it (its share of ``/v1/route`` at
 t = 0), and runs the same Poisson schedule twice: ``--low`` x C of demand on that expert, a step to
 ``--high`` x C, back to ``--low``. Mixed prompts: code, math, translation, chat.
@@ -23,7 +24,7 @@ Per second it records t, routing share, p50/p99 latency and errors; writes ``loa
 ``loadtest-requests.csv``, ``loadtest.json`` (summary) and ``loadtest.png`` to ``--out``, and prints a table.
 Bounded: at most ``--max-requests`` requests and ``--drain-s`` after the schedule, 127.0.0.1 only.
 
-    .venv/bin/python scripts/loadtest.py [--high 3] [--step-s 30] [--out bench-results/loadtest]
+    .venv/bin/python scripts/loadtest.py [--high 2.5] [--step-s 30] [--out bench-results/loadtest]
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ PROMPTS: dict[str, list[str]] = {
         "Explain how vaccines work.",
     ],
 }
-DEFAULT_MIX = {"code": 0.55, "math": 0.15, "translation": 0.1, "chat": 0.2}
+DEFAULT_MIX = {"code": 0.6, "math": 0.15, "translation": 0.1, "chat": 0.15}
 
 
 @dataclass
@@ -137,8 +138,10 @@ def pct(xs: list[float], q: float) -> float:
 # -- the configuration under test ---------------------------------------------------------------------
 
 
-def loadtest_config(base: Any, *, premium_tokens: int, tokens: int, slo_s: float, target_ongoing: float) -> Any:
-    """The load-test variant of `base` (a CoeConfig): one thread per llama.cpp expert, answer lengths, SLOs."""
+def loadtest_config(base: Any, *, premium_tokens: int, tokens: int, slo_s: float, target_ongoing: float,
+                    premium_target_ongoing: float) -> Any:
+    """The load-test variant of `base` (a CoeConfig): one thread per llama.cpp expert, answer lengths, SLOs and
+    capacity targets (a replica of a short-answer expert holds more requests in flight within the same SLO)."""
     from coe.config import CoeConfig
 
     d = base.model_dump(mode="json")
@@ -148,7 +151,8 @@ def loadtest_config(base: Any, *, premium_tokens: int, tokens: int, slo_s: float
             e["llama_cpp"]["n_threads"] = 1
         e["sampling"]["max_tokens"] = premium_tokens if e["name"] == premium else tokens
         e["slo"] = {"ttft_ms": slo_s * 1000.0, "total_ms": slo_s * 1000.0}
-        e["autoscaling"]["target_ongoing_requests"] = target_ongoing
+        e["autoscaling"]["target_ongoing_requests"] = (premium_target_ongoing if e["name"] == premium
+                                                       else target_ongoing)
     return CoeConfig.model_validate(d)
 
 
@@ -203,21 +207,21 @@ async def wait_for_rest(client: httpx.AsyncClient, url: str, resting: float, tim
 
 
 async def service_times(client: httpx.AsyncClient, url: str, experts: list[str], kinds_of: dict[str, list[str]],
-                        n: int) -> dict[str, float]:
-    """Median latency (s) of `n` sequential requests pinned to each expert, with prompts of the kinds it gets."""
+                        rounds: int) -> dict[str, float]:
+    """Mean latency (s) of sequential requests pinned to each expert: every prompt of the kinds it gets, `rounds`
+    times, after one warm-up request. The mean, not the median: capacity is requests per busy second."""
     out: dict[str, float] = {}
     for name in experts:
         prompts = [p for k in kinds_of.get(name, []) for p in PROMPTS[k]] or PROMPTS["chat"]
         lat = []
-        for i in range(n + 1):
+        for i, prompt in enumerate([prompts[0]] + prompts * rounds):
             t0 = time.perf_counter()
             r = await client.post(f"{url}/v1/chat/completions", timeout=300, json={
-                "model": name, "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
-                "temperature": 0})
+                "model": name, "messages": [{"role": "user", "content": prompt}], "temperature": 0})
             r.raise_for_status()
             if i:  # the first one warms the replica up
                 lat.append(time.perf_counter() - t0)
-        out[name] = statistics.median(lat)
+        out[name] = statistics.fmean(lat)
     return out
 
 
@@ -242,7 +246,7 @@ async def run_once(name: str, url: str, shots: list[Shot], *, capped_t: float | 
                         data.t_samples.append((time.monotonic() - t_start, float(th["t"]), float(pen)))
                 except (httpx.HTTPError, ValueError):
                     pass
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(1.0)
 
         async def one(o: Outcome) -> None:
             nonlocal outstanding
@@ -321,6 +325,7 @@ def per_second(run: RunData, experts: list[str], slo_ms: float) -> list[dict[str
             "p50_ms": pct(lat, 50) if outs else math.nan, "p99_ms": pct(lat, 99) if outs else math.nan,
             "over_slo": sum(1 for x in lat if x > slo_ms),
             "t": max(ts) if ts else math.nan, "max_penalty": max(pens) if pens else math.nan,
+            "t_applied": statistics.fmean(o.threshold for o in ok) if ok else math.nan,
         }
         for e in experts:
             row[f"share_{e}"] = (sum(1 for o in ok if o.expert == e) / len(ok)) if ok else math.nan
@@ -370,7 +375,9 @@ def plot(rows: list[dict[str, Any]], runs: list[str], premium: str, slo_ms: floa
         rs = [r for r in rows if r["run"] == name]
         x = [r["second"] for r in rs]
         c = colors.get(name, None)
-        axes[0].plot(x, [r["t"] for r in rs], color=c, label=f"{name}: controller t")
+        axes[0].plot(x, [r["t_applied"] for r in rs], color=c, marker=".", ls="", label=f"{name}: t applied (requests)")
+        if name == "adaptive":
+            axes[0].plot(x, [r["t"] for r in rs], color=c, lw=1, label="controller t")
         axes[1].plot(x, [min(r["p99_ms"], 1e6) / 1000 for r in rs], color=c, label=f"{name} p99")
         axes[1].plot(x, [min(r["p50_ms"], 1e6) / 1000 for r in rs], color=c, ls=":", label=f"{name} p50")
         axes[2].plot(x, [r[f"share_{premium}"] for r in rs], color=c, label=f"{name}: share to {premium}")
@@ -401,14 +408,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="cpu-default", help="coe config (name or path) the variant is made from")
     ap.add_argument("--low", type=float, default=0.5, help="demand on the premium expert before/after, x its capacity")
-    ap.add_argument("--high", type=float, default=3.0, help="demand on the premium expert in the step, x its capacity")
+    ap.add_argument("--high", type=float, default=2.5, help="demand on the premium expert in the step, x its capacity")
     ap.add_argument("--warm-s", type=float, default=20.0, help="seconds at --low before the step")
     ap.add_argument("--step-s", type=float, default=30.0, help="seconds of the step")
     ap.add_argument("--after-s", type=float, default=40.0, help="seconds at --low after the step")
-    ap.add_argument("--premium-tokens", type=int, default=96, help="answer length of the priciest expert")
+    ap.add_argument("--premium-tokens", type=int, default=256, help="answer length of the priciest expert")
     ap.add_argument("--tokens", type=int, default=16, help="answer length of the other experts")
     ap.add_argument("--slo-s", type=float, default=8.0, help="p99 total latency SLO of every expert")
-    ap.add_argument("--target-ongoing", type=float, default=2.0, help="requests in flight per replica at load 1.0")
+    ap.add_argument("--target-ongoing", type=float, default=8.0,
+                    help="requests in flight per replica at load 1.0, experts other than the premium one")
+    ap.add_argument("--premium-target-ongoing", type=float, default=2.0,
+                    help="requests in flight per replica at load 1.0, the premium expert")
     ap.add_argument("--mix", default=",".join(f"{k}={v}" for k, v in DEFAULT_MIX.items()),
                     help="prompt mix, kind=weight,... (kinds: " + ", ".join(PROMPTS) + ")")
     ap.add_argument("--seed", type=int, default=0)
@@ -437,7 +447,7 @@ def main() -> int:
 
     base = load_config(args.config)
     config = loadtest_config(base, premium_tokens=args.premium_tokens, tokens=args.tokens, slo_s=args.slo_s,
-                             target_ongoing=args.target_ongoing)
+                             target_ongoing=args.target_ongoing, premium_target_ongoing=args.premium_target_ongoing)
     (out / "loadtest-config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     ensure_router_artifact(config, demo_ok=args.config == "cpu-default")
     experts = [e.name for e in config.experts]
@@ -447,7 +457,7 @@ def main() -> int:
     slo_ms = args.slo_s * 1000.0
 
     print(f"[loadtest] starting Ray Serve with the load-test variant of {args.config} ...", flush=True)
-    info = start_local_serve(config, port=free_port(), dashboard=False)
+    info = start_local_serve(config, port=free_port(), dashboard=False, log_to_driver=False)
     url = info["url"]
     try:
         deadline = time.time() + 600
@@ -468,7 +478,7 @@ def main() -> int:
                         kinds_of.setdefault(routes[p], [])
                         if kind not in kinds_of[routes[p]]:
                             kinds_of[routes[p]].append(kind)
-                return routes, await service_times(client, url, experts, kinds_of, 4)
+                return routes, await service_times(client, url, experts, kinds_of, 1)
 
         routes, svc = asyncio.run(prepare())
         total = sum(mix.values())
@@ -479,7 +489,7 @@ def main() -> int:
         replicas = {e.name: max(1, e.autoscaling.min_replicas) for e in config.experts}
         cap = replicas[premium] / svc[premium]
         low, high = args.low * cap / demand[premium], args.high * cap / demand[premium]
-        print(f"[loadtest] service time (median of 4, one at a time): "
+        print(f"[loadtest] service time (mean over the mix's prompts, one at a time): "
               + ", ".join(f"{e} {svc[e] * 1000:.0f} ms" for e in experts))
         print(f"[loadtest] premium expert {premium}: capacity {cap:.2f} req/s, demand share {demand[premium]:.2f}; "
               f"schedule {low:.2f} -> {high:.2f} -> {low:.2f} req/s "

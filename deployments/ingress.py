@@ -206,7 +206,7 @@ class CoeIngress:
             self.m_fallbacks.inc(tags={"reason": decision.reason.split("(")[0].removeprefix("fallback:")})
         best = decision.extra.get("best_expert")
         if best and best != decision.expert and decision.expert in decision.scores and not \
-                decision.reason.startswith("fallback:"):
+                decision.reason.startswith("fallback:") and not decision.extra.get("own_threshold"):
             amount = quality_given_up({best: decision.scores[best], decision.expert: decision.scores[decision.expert]},
                                       decision.expert)
             if amount > 0:
@@ -280,8 +280,10 @@ class CoeIngress:
                 param="model",
             )
         threshold = self._threshold_of(model, options)
+        own_t = "@" in model or (options is not None and options.quality_threshold is not None)
         t0 = time.perf_counter()
         decision = await self._route_batched((query, threshold))
+        decision.extra["own_threshold"] = own_t  # quality given up by choice is not debt to the load controller
         decision.extra["route_ms"] = (time.perf_counter() - t0) * 1e3  # queueing for the batch included
         if not self.router.uses_threshold:
             decision.threshold = None

@@ -73,3 +73,15 @@ def test_status_prints_threshold_and_loads(coe_url: str) -> None:
     out = buf.getvalue()
     assert "threshold t = " in out
     assert "in flight" in out and "general" in out
+
+
+def test_a_requests_own_threshold_is_not_quality_debt(coe_url: str, resting: None) -> None:
+    """Quality given up because the request asked for it (coe-auto@t) is not charged to the load controller."""
+    before = _state(coe_url)["controller"]["quality_debt"]
+    r = httpx.post(f"{coe_url}/v1/chat/completions", timeout=120, json={
+        "model": "coe-auto@1.0", "messages": [{"role": "user", "content": "Write a Python function that merges "
+                                               "two sorted lists."}], "max_tokens": 2})
+    assert r.status_code == 200
+    assert r.headers["x-coe-route-reason"].startswith("cheaper_within_threshold")  # it did give quality up
+    time.sleep(3.0)  # the ingress reports once per control interval
+    assert _state(coe_url)["controller"]["quality_debt"]["total"] == before["total"]

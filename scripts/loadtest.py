@@ -24,7 +24,7 @@ Per second it records t, routing share, p50/p99 latency and errors; writes ``loa
 ``loadtest-requests.csv``, ``loadtest.json`` (summary) and ``loadtest.png`` to ``--out``, and prints a table.
 Bounded: at most ``--max-requests`` requests and ``--drain-s`` after the schedule, 127.0.0.1 only.
 
-    .venv/bin/python scripts/loadtest.py [--high 2.5] [--step-s 30] [--out bench-results/loadtest]
+    .venv/bin/python scripts/loadtest.py [--high 2.0] [--step-s 30] [--out bench-results/loadtest]
 """
 
 from __future__ import annotations
@@ -408,7 +408,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="cpu-default", help="coe config (name or path) the variant is made from")
     ap.add_argument("--low", type=float, default=0.5, help="demand on the premium expert before/after, x its capacity")
-    ap.add_argument("--high", type=float, default=2.5, help="demand on the premium expert in the step, x its capacity")
+    ap.add_argument("--high", type=float, default=2.0, help="demand on the premium expert in the step, x its capacity")
     ap.add_argument("--warm-s", type=float, default=20.0, help="seconds at --low before the step")
     ap.add_argument("--step-s", type=float, default=30.0, help="seconds of the step")
     ap.add_argument("--after-s", type=float, default=40.0, help="seconds at --low after the step")

@@ -287,9 +287,24 @@ class ControllerConfig(StrictModel):
     deadband: float = Field(0.1, ge=0.0, description="Load errors smaller than this leave t alone (hysteresis).")
     max_step: float = Field(0.02, gt=0.0, description="Largest change of t per interval.")
     cooldown_s: float = Field(5.0, ge=0.0, description="After a rise, wait this long before t may fall.")
+    share_window_s: float = Field(
+        10.0, gt=0.0, description="Time constant (s) of the smoothed relievable demand: which experts recent "
+        "traffic prefers at t = 0 while a cheaper expert is within t_max of them (what a higher t can move)."
+    )
+    min_share: float = Field(
+        0.05, ge=0.0, le=1.0, description="Experts that are the best choice for less than this share of recent "
+        "traffic do not drive t (raising t cannot relieve an expert that no request prefers)."
+    )
     queue_penalty: float = Field(
         0.25, ge=0.0, description="Routing penalty (quality points) per unit of an expert's load above "
-        "target_load; a request's cheaper alternative drops out once its penalty exceeds the request's slack."
+        "target_load; among a request's candidates within t, an expert whose penalised quality is more than t below "
+        "the best penalised one drops out (so diverted traffic never goes to a more loaded expert)."
+    )
+    overflow_load: float | None = Field(
+        1.0, gt=0.0, description="Overflow rule: a request whose chosen expert already holds this load ratio "
+        "(requests in flight / capacity target, as the routing ingress replica counts its share) goes at once to "
+        "the cheapest expert that is not full within t_max of its best, before the controller's t catches up. "
+        "Never for requests with their own t or a cap below it. null: off."
     )
     cache_s: float = Field(1.0, gt=0.0, description="How long an ingress replica reuses the last t it read.")
     record_prompts: bool = Field(False, description="Store prompt text in the decision stream (off: ids only).")

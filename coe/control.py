@@ -27,25 +27,80 @@ def choose_within_threshold(quality: np.ndarray, prices: np.ndarray, threshold: 
                             penalties: np.ndarray | None = None) -> np.ndarray:
     """The routing rule (HybridLLM's threshold, made load-aware): one expert index per row of `quality`.
 
-    Candidates are the experts whose quality minus their load penalty is within `threshold` (scalar or one
-    per row) of the row's best *unpenalised* quality; the cheapest candidate wins (ties: higher quality).
-    With no candidate (the best expert is loaded beyond the request's t) the best expert is kept. So:
+    Candidates are the experts within `threshold` (scalar or one per row) of the row's best predicted quality;
+    with load penalties, only those of them whose penalised quality is also within `threshold` of the best
+    penalised quality among them. The cheapest candidate wins (ties: higher quality). So:
 
     * no request ever gets an expert more than its own t below its best (t = 0 always gets the best);
-    * a loaded expert leaves the candidate set first, whether it is the best or a cheaper alternative,
-      so raising t under load never pours diverted traffic into an expert that is itself overloaded.
+    * a loaded expert leaves the candidate set first, whether it is the best or a cheaper alternative, so
+      raising t under load never pours diverted traffic into an expert more loaded than the one it leaves;
+      where the best and its alternative are both loaded, the less loaded one (by penalty) takes the request.
 
-    `penalties`: shape (k,) or (n, k), quality points; None for none. Shared by the serving router
-    (:meth:`coe.routerdc.RouterDCModel.choose`) and ``scripts/simulate.py``.
+    `penalties`: shape (k,) or (n, k), quality points (inf: excluded); None for none. Shared by the serving
+    router (:meth:`coe.routerdc.RouterDCModel.choose`) and ``scripts/simulate.py``.
     """
     q = np.asarray(quality, dtype=np.float64)
     t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(q),))[:, None]
-    q_used = q if penalties is None else q - np.broadcast_to(np.asarray(penalties, dtype=np.float64), q.shape)
-    ok = q_used >= q.max(axis=1, keepdims=True) - t - 1e-12
+    ok = q >= q.max(axis=1, keepdims=True) - t - 1e-12
+    if penalties is not None:
+        qp = q - np.broadcast_to(np.asarray(penalties, dtype=np.float64), q.shape)
+        best_p = np.where(ok, qp, -np.inf).max(axis=1, keepdims=True)
+        ok &= np.isfinite(qp) & (qp >= best_p - t - 1e-12)
     price = np.where(ok, np.asarray(prices, dtype=np.float64)[None, :], np.inf)
     cheapest = ok & (price <= price.min(axis=1, keepdims=True))
     pick = np.where(cheapest, q, -np.inf).argmax(axis=1)
     return np.where(ok.any(axis=1), pick, q.argmax(axis=1))
+
+
+def relievable(quality: np.ndarray, prices: np.ndarray, t_max: float) -> np.ndarray:
+    """Per row: whether a cheaper expert lies within `t_max` of the best predicted one (a higher t can move it)."""
+    q = np.asarray(quality, dtype=np.float64)
+    p = np.asarray(prices, dtype=np.float64)
+    best = q.argmax(axis=1)
+    near = q >= q.max(axis=1, keepdims=True) - t_max - 1e-12
+    return (near & (p[None, :] < p[best][:, None])).any(axis=1)
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """What the overflow rule needs for one batch: the experts' occupancy now and their capacity (requests; in
+    the router's expert order), and per request the threshold it may use when its choice is full."""
+
+    occupancy: np.ndarray  # (k,) requests in flight at each expert (as the router that routes them counts)
+    capacity: np.ndarray  # (k,) requests an expert holds before a new one would wait beyond its capacity target
+    t_spill: np.ndarray  # (n,) per request; at most its own threshold: no spill
+
+    def __post_init__(self) -> None:
+        if self.occupancy.shape != self.capacity.shape:
+            raise ValueError("occupancy and capacity need one value per expert")
+
+
+def spill_overflow(quality: np.ndarray, prices: np.ndarray, chosen: np.ndarray, eligible: np.ndarray,
+                   overflow: Overflow, penalties: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The fast half of load-aware routing: (new choices, spilled mask), requests taken in order.
+
+    A request whose chosen expert is already full (occupancy >= capacity, counting the requests before it in the
+    batch) goes at once to the cheapest expert that is not full within its ``t_spill`` of its best predicted
+    quality (:func:`choose_within_threshold` with the full experts excluded); with none it stays. Only `eligible`
+    requests may move (not fallbacks, not requests with their own t). The controller's t follows sustained load
+    a few periods later; this moves the requests that arrive meanwhile and would otherwise only queue.
+    """
+    q = np.asarray(quality, dtype=np.float64)
+    occ = np.asarray(overflow.occupancy, dtype=np.float64).copy()
+    cap = np.asarray(overflow.capacity, dtype=np.float64)
+    out = np.asarray(chosen).copy()
+    spilled = np.zeros(len(out), dtype=bool)
+    pen = None if penalties is None else np.broadcast_to(np.asarray(penalties, dtype=np.float64), q.shape)
+    for i in range(len(out)):
+        c = int(out[i])
+        if eligible[i] and occ[c] >= cap[c]:
+            full = np.where(occ >= cap, np.inf, 0.0)
+            alt = int(choose_within_threshold(q[i:i + 1], prices, float(overflow.t_spill[i]),
+                                              full[None, :] if pen is None else pen[i:i + 1] + full)[0])
+            if alt != c and occ[alt] < cap[alt]:
+                out[i], spilled[i] = alt, True
+        occ[int(out[i])] += 1
+    return out, spilled
 
 
 def capacity_per_replica(expert: ExpertConfig) -> float:
@@ -127,6 +182,7 @@ class ThresholdState:
     load: float = 0.0
     reason: str = "initial"
     penalties: dict[str, float] = field(default_factory=dict)
+    capacity: dict[str, float] = field(default_factory=dict)  # per router: requests before an expert is full
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict."""
@@ -137,6 +193,7 @@ class ThresholdState:
             "load": self.load,
             "reason": self.reason,
             "penalties": dict(self.penalties),
+            "capacity": dict(self.capacity),
         }
 
     @classmethod
@@ -149,6 +206,7 @@ class ThresholdState:
             load=float(d.get("load", 0.0)),
             reason=str(d.get("reason", "")),
             penalties={str(k): float(v) for k, v in (d.get("penalties") or {}).items()},
+            capacity={str(k): float(v) for k, v in (d.get("capacity") or {}).items()},
         )
 
 
@@ -175,11 +233,13 @@ class ThresholdController:
     * no load at all (signal 0) steers straight to the resting ``t_min``: after the cooldown t is
       back at ``t_min`` within ``ceil((t_max - t_min) / max_step)`` steps whatever the gains.
 
-    Per-expert routing penalties are ``min(queue_penalty * max(0, load_ratio - target_load), t_max)``; the
-    router drops an expert from a request's cheaper alternatives once its penalty exceeds that request's slack
-    (see :func:`choose_within_threshold`).
-    The cluster load weighs experts by ``traffic_share``; callers pass the demand share (requests whose
-    best predicted expert is that one), since that is the load a higher t relieves.
+    Per-expert routing penalties are ``queue_penalty * max(0, load_ratio - target_load)``; among a request's
+    candidates within t the router drops the experts whose penalised quality falls more than t below the best
+    penalised one (see :func:`choose_within_threshold`).
+    The load signal is the largest load ratio among the experts that a higher t relieves: callers pass each
+    period's relievable demand share (requests whose best predicted expert is that one, whatever t chose, and
+    that have a cheaper expert within ``t_max`` of it: :func:`relievable`), which the controller smooths over
+    ``share_window_s``; experts below ``min_share`` of it do not drive t.
     """
 
     def __init__(self, cfg: ControllerConfig, initial: ThresholdState | None = None) -> None:
@@ -196,6 +256,8 @@ class ThresholdController:
         self._integral = self._track(t0, 0.0)
         self._last_now: float | None = None
         self._last_rise_at = -math.inf
+        self._share: dict[str, float] = {}
+        self._share_at = -math.inf
 
     @property
     def state(self) -> ThresholdState:
@@ -206,18 +268,39 @@ class ThresholdController:
 
     @staticmethod
     def cluster_load(
-        loads: dict[str, ExpertLoad], traffic_share: dict[str, float] | None = None
+        loads: dict[str, ExpertLoad], traffic_share: dict[str, float] | None = None, min_share: float = 0.0
     ) -> float:
-        """Traffic-weighted mean of the experts' load ratios; the max where no share is given."""
+        """The load that a higher t relieves: the largest load ratio among the experts that are the best choice
+        for at least `min_share` (> 0) of the traffic; the largest of all where no share is known.
+
+        The most loaded preferred expert, not a traffic-weighted mean: the mean dilutes one overloaded premium
+        expert by the idle rest until its queue is already long, and latency is lost at the worst expert.
+        """
         if not loads:
             return 0.0
         ratios = {name: load.load_ratio() for name, load in loads.items()}
         if traffic_share:
-            weights = {n: max(0.0, float(traffic_share.get(n, 0.0))) for n in ratios}
-            total = sum(weights.values())
-            if total > 0:
-                return sum(ratios[n] * w for n, w in weights.items()) / total
+            preferred = [r for n, r in ratios.items() if float(traffic_share.get(n, 0.0)) >= max(min_share, 1e-12)]
+            if preferred:
+                return max(preferred)
         return max(ratios.values())
+
+    def smoothed_share(self) -> dict[str, float]:
+        """The demand share as the controller weighs it (exponentially smoothed over ``share_window_s``)."""
+        return dict(self._share)
+
+    def _update_share(self, share: dict[str, float] | None, dt: float, now: float) -> None:
+        if not share:  # no routed traffic this period: keep what recent traffic preferred, for a while
+            if self._share and now - self._share_at > 3 * self.cfg.share_window_s:
+                self._share = {}  # stale: every expert counts again
+            return
+        self._share_at = now
+        if not self._share:
+            self._share = {n: float(v) for n, v in share.items()}
+            return
+        a = 1.0 - math.exp(-max(dt, 0.0) / self.cfg.share_window_s)
+        for n in set(self._share) | set(share):
+            self._share[n] = (1 - a) * self._share.get(n, 0.0) + a * float(share.get(n, 0.0))
 
     def penalties(self, loads: dict[str, ExpertLoad]) -> dict[str, float]:
         """Routing penalties for the experts above target_load (the others are absent: 0)."""
@@ -225,8 +308,9 @@ class ThresholdController:
         for name, load in loads.items():
             over = load.load_ratio() - self.cfg.target_load
             if over > 0 and self.cfg.queue_penalty > 0:
-                # Capped at t_max: a penalty gives up predicted quality just as t does, and never more.
-                out[name] = min(self.cfg.queue_penalty * over, self.cfg.t_max)
+                # Not capped: penalties only rank the candidates within a request's t, so they never give up
+                # more than t, and two loaded experts must stay comparable.
+                out[name] = self.cfg.queue_penalty * over
         return out
 
     # -- control ------------------------------------------------------------------------------
@@ -242,14 +326,20 @@ class ThresholdController:
         loads: dict[str, ExpertLoad],
         now: float,
         traffic_share: dict[str, float] | None = None,
+        routers: int = 1,
     ) -> ThresholdState:
-        """One control period: the new state (version + 1) from the experts' loads at `now`."""
+        """One control period: the new state (version + 1) from the experts' loads at `now`.
+
+        `routers`: how many routers (ingress replicas) share the experts; each gets 1/routers of every expert's
+        capacity for the overflow rule (:func:`spill_overflow`), since each counts only its own requests.
+        """
         cfg = self.cfg
-        load = self.cluster_load(loads, traffic_share)
-        penalties = self.penalties(loads)
         dt = cfg.interval_s if self._last_now is None else now - self._last_now
         dt = min(max(dt, 0.0), 5 * cfg.interval_s)  # a missed period does not integrate a burst
         self._last_now = now
+        self._update_share(traffic_share, dt, now)
+        load = self.cluster_load(loads, self._share, cfg.min_share)
+        penalties = self.penalties(loads)
         t = self._state.t
         err = load - cfg.target_load
         idle = load <= 0.0
@@ -297,8 +387,16 @@ class ThresholdController:
             load=load,
             reason=reason,
             penalties=penalties,
+            capacity=self.capacity(loads, routers),
         )
         return self._state
+
+    def capacity(self, loads: dict[str, ExpertLoad], routers: int = 1) -> dict[str, float]:
+        """Per router, the requests each expert holds before the overflow rule spills (empty: rule off)."""
+        if self.cfg.overflow_load is None or not self.cfg.enabled:
+            return {}
+        share = self.cfg.overflow_load / max(1, routers)
+        return {n: max(1, lo.replicas) * lo.capacity_per_replica * share for n, lo in loads.items()}
 
 
 class Percentiles(NamedTuple):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from coe.control import choose_within_threshold
+from coe.control import Overflow, choose_within_threshold, spill_overflow
 from coe.encoder import SentenceEncoder
 from coe.errors import RouterArtifactError
 from coe.routing import Router, RoutingDecision
@@ -169,12 +169,13 @@ class RouterDCRouter(Router):
         return self.route_each(queries, [threshold] * len(queries))
 
     def route_each(self, queries: list[str], thresholds: list[float | None],
-                   penalties: dict[str, float] | None = None) -> list[RoutingDecision]:
+                   penalties: dict[str, float] | None = None,
+                   overflow: Overflow | None = None) -> list[RoutingDecision]:
         """One encoder pass for the batch; each query with its own threshold (None: the default)."""
         t = np.array([self.default_threshold if x is None else x for x in thresholds], dtype=np.float64)
-        # Penalties only remove loaded experts from a request's candidates: no request is ever routed further
-        # than its own t below its best, so premium requests (t = 0) are never moved by load.
-        return decide(self.model, self.encoder.encode(queries), t, penalties)
+        # Penalties only remove loaded experts from a request's candidates, and the overflow rule moves a request
+        # at most its t_spill (never above its own cap): premium requests (cap 0) are never moved by load.
+        return decide(self.model, self.encoder.encode(queries), t, penalties, overflow)
 
 
 @dataclass
@@ -190,15 +191,18 @@ class Decisions:
     ood: np.ndarray  # (n,) bool
     low_confidence: np.ndarray  # (n,) bool
     load_shifted: np.ndarray  # (n,) bool: the load penalties changed the choice
+    overflowed: np.ndarray  # (n,) bool: the overflow rule moved the request off a full expert
 
 
 def decide_arrays(model: RouterDCModel, emb: np.ndarray, threshold: float | np.ndarray,
                   parts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                  penalties: dict[str, float] | np.ndarray | None = None) -> Decisions:
+                  penalties: dict[str, float] | np.ndarray | None = None,
+                  overflow: Overflow | None = None) -> Decisions:
     """Decisions for encoder embeddings; `parts` = a precomputed `model.quality(emb)` (for t sweeps).
 
     `penalties` (expert -> quality points, from the load controller) take loaded experts out of each request's
     candidates (:func:`coe.control.choose_within_threshold`); the scores reported stay unpenalised.
+    `overflow`: requests whose choice is full move at once (:func:`coe.control.spill_overflow`; fallbacks stay).
     """
     p = model.params
     q, _, nn_sim = parts if parts is not None else model.quality(emb)
@@ -213,25 +217,34 @@ def decide_arrays(model: RouterDCModel, emb: np.ndarray, threshold: float | np.n
     chosen = model.choose(q, threshold, penalties)
     shifted = chosen != model.choose(q, threshold) if penalties is not None else np.zeros(len(q), dtype=bool)
     chosen = np.where(ood | low, p.experts.index(p.fallback_expert), chosen)
+    spilled = np.zeros(len(q), dtype=bool)
+    if overflow is not None:
+        t_row = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(q),))
+        eligible = ~(ood | low) & (np.asarray(overflow.t_spill, dtype=np.float64) > t_row + 1e-12)
+        chosen, spilled = spill_overflow(q, model.prices, chosen, eligible, overflow, penalties)
     return Decisions(chosen=chosen, best=best, quality=q, confidence=confidence, margin=top2[:, 1] - top2[:, 0],
-                     nn_similarity=nn_sim, ood=ood, low_confidence=low, load_shifted=shifted & ~(ood | low))
+                     nn_similarity=nn_sim, ood=ood, low_confidence=low,
+                     load_shifted=shifted & ~(ood | low) & ~spilled, overflowed=spilled)
 
 
 def decide(model: RouterDCModel, emb: np.ndarray, threshold: float | np.ndarray,
-           penalties: dict[str, float] | np.ndarray | None = None) -> list[RoutingDecision]:
+           penalties: dict[str, float] | np.ndarray | None = None,
+           overflow: Overflow | None = None) -> list[RoutingDecision]:
     """Decisions for encoder embeddings (shared by serving and evaluation)."""
     p = model.params
-    d = decide_arrays(model, emb, threshold, penalties=penalties)
+    d = decide_arrays(model, emb, threshold, penalties=penalties, overflow=overflow)
     ts = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(emb),))
     out = []
     for i in range(len(emb)):
-        threshold_i = float(ts[i])
+        threshold_i = float(overflow.t_spill[i]) if d.overflowed[i] and overflow is not None else float(ts[i])
         k, best, nn = int(d.chosen[i]), int(d.best[i]), float(d.nn_similarity[i])
         confidence = float(d.confidence[i])
         if d.ood[i]:
             reason = f"fallback:ood(nn_sim={nn:.3f}<{p.ood_min_similarity:.3f})"
         elif d.low_confidence[i]:
             reason = f"fallback:low_confidence({confidence:.3f}<{p.min_confidence})"
+        elif d.overflowed[i]:
+            reason = f"overflow(t={threshold_i:g})"
         elif d.load_shifted[i]:
             reason = f"load_shift(t={threshold_i:g})"
         elif k != best:

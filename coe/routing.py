@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from coe.config import CoeConfig
 from coe.encoder import SentenceEncoder
+
+if TYPE_CHECKING:
+    from coe.control import Overflow
 
 
 @dataclass
@@ -37,8 +40,10 @@ class Router(abc.ABC):
         """Decisions for a batch of queries, in order."""
 
     def route_each(self, queries: list[str], thresholds: list[float | None],
-                   penalties: dict[str, float] | None = None) -> list[RoutingDecision]:
-        """Decisions for a batch where each query has its own threshold (routers without t ignore it)."""
+                   penalties: dict[str, float] | None = None,
+                   overflow: Overflow | None = None) -> list[RoutingDecision]:
+        """Decisions for a batch where each query has its own threshold (routers without t ignore t, the load
+        penalties and the overflow rule)."""
         return self.route_batch(queries)
 
     @property

@@ -1,7 +1,8 @@
 """The load-aware controller: one replica that moves the cost/quality threshold t with the cluster's load.
 
 Every ingress replica reports, once per control interval, its in-flight requests per expert, recent
-latencies, routing counts and the counters to persist (quality debt, usage, routing decisions). The
+latencies, routing counts (demand per best expert, and the part of it a higher t could move) and the counters
+to persist (quality debt, usage, routing decisions). The
 controller sums the reports, reads the experts' running replica counts from Serve, steps the
 :class:`coe.control.ThresholdController` and publishes the new t (version, timestamp, per-expert penalties)
 to the state store (Redis when COE_REDIS_URL is set, else in-process) and in its reply to each report.
@@ -118,12 +119,14 @@ class CoeController:
         await self._refresh_replicas(now)
         fresh = [r for at, r in self.reports.values() if now - at <= 3 * self.cfg.interval_s]
         routed: dict[str, float] = {n: 0.0 for n in self.experts}
+        relievable: dict[str, float] = {n: 0.0 for n in self.experts}
         loads: dict[str, ExpertLoad] = {}
         for name, expert in self.experts.items():
             in_flight = sum(int(r.get("in_flight", {}).get(name, 0)) for r in fresh)
             ttft = [r["ttft_p99_ms"][name] for r in fresh if r.get("ttft_p99_ms", {}).get(name) is not None]
             total = [r["total_p99_ms"][name] for r in fresh if r.get("total_p99_ms", {}).get(name) is not None]
             routed[name] = float(sum(r.get("routed", {}).get(name, 0) for r in fresh))
+            relievable[name] = float(sum(r.get("relievable", {}).get(name, 0) for r in fresh))
             loads[name] = ExpertLoad(expert=name, in_flight=in_flight, replicas=self.replicas[name],
                                      capacity_per_replica=capacity_per_replica(expert), slo=expert.slo,
                                      timestamp=now, ttft_p99_ms=max(ttft) if ttft else None,
@@ -132,7 +135,9 @@ class CoeController:
         self.share = {n: round(c / n_routed, 4) for n, c in routed.items()} if n_routed else {}
         self.loads = loads
         if self.cfg.enabled:
-            state = self.ctrl.step(loads, now, self.share or None)
+            n_rel = sum(relievable.values())
+            rel_share = {n: c / n_rel for n, c in relievable.items()} if n_rel else None
+            state = self.ctrl.step(loads, now, rel_share, routers=max(1, len(fresh)))
         else:
             prev = self.ctrl.state
             state = ThresholdState(t=self.cfg.t_min, version=prev.version + 1, updated_at=now, load=0.0,

@@ -23,7 +23,9 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from coe.config import AUTO_MODEL, CoeConfig, ExpertConfig, RuntimeSettings
-from coe.control import LatencyWindow, ThresholdState, quality_given_up
+import numpy as np
+
+from coe.control import LatencyWindow, Overflow, ThresholdState, capacity_per_replica, quality_given_up
 from coe.engines import EnginePrompt, SamplingParams
 from coe.errors import (
     CoeError,
@@ -121,6 +123,7 @@ class CoeIngress:
         self.in_flight: dict[str, int] = defaultdict(int)
         self.latency = {name: LatencyWindow(window_s=10.0) for name in self.experts}
         self.routed: dict[str, int] = defaultdict(int)
+        self.relievable: dict[str, int] = defaultdict(int)  # demand a higher t could move (see coe.control)
         self.pending_debt: dict[str, list[float]] = defaultdict(list)
         self.pending_usage: dict[str, dict[str, float]] = {}
         self.pending_decisions: deque[dict[str, Any]] = deque(maxlen=2000)
@@ -146,8 +149,8 @@ class CoeIngress:
             self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
 
     async def _report_loop(self) -> None:
-        """Once per control interval: send this replica's load to the controller, take back t."""
-        interval = self.config.controller.interval_s
+        """Once per control interval (or cache_s, if shorter): send this replica's load, take back t."""
+        interval = min(self.config.controller.interval_s, self.config.controller.cache_s)
         while True:
             await asyncio.sleep(interval)
             await self.report_once()
@@ -159,11 +162,13 @@ class CoeIngress:
             "ttft_p99_ms": {n: w.p99(now).ttft_ms for n, w in self.latency.items()},
             "total_p99_ms": {n: w.p99(now).total_ms for n, w in self.latency.items()},
             "routed": dict(self.routed),
+            "relievable": dict(self.relievable),
             "debt": dict(self.pending_debt),
             "usage": dict(self.pending_usage),
             "decisions": list(self.pending_decisions),
         }
         self.routed.clear()
+        self.relievable.clear()
         self.pending_debt.clear()
         self.pending_usage.clear()
         self.pending_decisions.clear()
@@ -198,9 +203,34 @@ class CoeIngress:
             return None
         return dict(self.state.penalties) or None
 
+    def spill_threshold(self, threshold: float, options: CoeOptions | None, own_t: bool) -> float:
+        """The t a request may use when its expert is full (overflow rule): t_max, within the request's cap.
+        Requests with their own t, or with the rule or the controller off, never spill (returns `threshold`)."""
+        cc = self.config.controller
+        if own_t or not cc.enabled or cc.overflow_load is None or not self.router.uses_threshold:
+            return threshold
+        cap = options.max_quality_threshold if options is not None else None
+        return max(threshold, cc.t_max if cap is None else min(cc.t_max, cap))
+
+    def overflow(self, t_spill: list[float]) -> Overflow | None:
+        """The overflow rule's inputs for one batch: this replica's in-flight requests per expert against its
+        share of each expert's capacity (from the controller; before its first reply, from the config)."""
+        cc = self.config.controller
+        if cc.overflow_load is None or not cc.enabled:
+            return None
+        names = self.router.experts
+        published = self.state.capacity if self.state is not None else {}
+        capacity = [published.get(n, max(1, self.experts[n].autoscaling.min_replicas)
+                                  * capacity_per_replica(self.experts[n]) * cc.overflow_load) for n in names]
+        return Overflow(occupancy=np.array([self.in_flight.get(n, 0) for n in names], dtype=np.float64),
+                        capacity=np.array(capacity, dtype=np.float64), t_spill=np.array(t_spill, dtype=np.float64))
+
     def _account_decision(self, request_id: str, decision: RoutingDecision, query: str) -> None:
         # Demand, not placement: the controller weighs each expert by the requests it is best for.
-        self.routed[decision.extra.get("best_expert", decision.expert)] += 1
+        best_expert = decision.extra.get("best_expert", decision.expert)
+        self.routed[best_expert] += 1
+        if self._relievable(decision.scores, best_expert):
+            self.relievable[best_expert] += 1
         self.m_route_ms.observe(decision.extra.get("route_ms", 0.0))
         if decision.reason.startswith("fallback:"):
             self.m_fallbacks.inc(tags={"reason": decision.reason.split("(")[0].removeprefix("fallback:")})
@@ -218,6 +248,15 @@ class CoeIngress:
         if self.config.controller.record_prompts:
             record["prompt"] = query
         self.pending_decisions.append(record)
+
+    def _relievable(self, scores: dict[str, float], best: str) -> bool:
+        """Whether a cheaper expert is within t_max of the best's predicted quality (a higher t can move it)."""
+        if best not in scores or best not in self.experts:
+            return False
+        floor = scores[best] - self.config.controller.t_max - 1e-12
+        price = self.experts[best].price_per_1k_tokens
+        return any(q >= floor and self.experts[n].price_per_1k_tokens < price
+                   for n, q in scores.items() if n in self.experts)
 
     def _account_usage(self, request: Request, expert: ExpertConfig, tokens: int) -> None:
         auth = request.headers.get("authorization", "")
@@ -255,14 +294,16 @@ class CoeIngress:
         return min(t, cap) if cap is not None else t
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _route_batched(self, items: list[tuple[str, float]]) -> list[RoutingDecision]:
-        """Concurrent routing decisions share one encoder pass (Serve's dynamic batching)."""
+    async def _route_batched(self, items: list[tuple[str, float, float]]) -> list[RoutingDecision]:
+        """Concurrent routing decisions share one encoder pass (Serve's dynamic batching). Items: (query, t,
+        t_spill)."""
         loop = asyncio.get_running_loop()
-        queries, thresholds = [q for q, _ in items], [t for _, t in items]
+        queries, thresholds = [q for q, _, _ in items], [t for _, t, _ in items]
         penalties = self.routing_penalties()
+        overflow = self.overflow([ts for _, _, ts in items]) if any(ts > t for _, t, ts in items) else None
         t0 = time.perf_counter()
         decisions = await loop.run_in_executor(
-            None, lambda: self.router.route_each(queries, list(thresholds), penalties))
+            None, lambda: self.router.route_each(queries, list(thresholds), penalties, overflow))
         ms = (time.perf_counter() - t0) * 1e3
         for d in decisions:
             d.extra["route_ms"] = ms
@@ -282,7 +323,7 @@ class CoeIngress:
         threshold = self._threshold_of(model, options)
         own_t = "@" in model or (options is not None and options.quality_threshold is not None)
         t0 = time.perf_counter()
-        decision = await self._route_batched((query, threshold))
+        decision = await self._route_batched((query, threshold, self.spill_threshold(threshold, options, own_t)))
         decision.extra["own_threshold"] = own_t  # quality given up by choice is not debt to the load controller
         decision.extra["route_ms"] = (time.perf_counter() - t0) * 1e3  # queueing for the batch included
         if not self.router.uses_threshold:

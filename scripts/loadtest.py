@@ -117,6 +117,7 @@ class RunData:
     name: str
     outcomes: list[Outcome]
     t_samples: list[tuple[float, float, float]] = field(default_factory=list)  # (s from start, t, max penalty)
+    load_samples: list[tuple[float, float]] = field(default_factory=list)  # (s from start, controller load signal)
     debt: dict[str, Any] = field(default_factory=dict)  # quality debt added during the run
     wall_s: float = 0.0
 
@@ -243,7 +244,9 @@ async def run_once(name: str, url: str, shots: list[Shot], *, capped_t: float | 
                     th = (await controller_state(client, url)).get("threshold") or {}
                     if th:
                         pen = max((th.get("penalties") or {}).values(), default=0.0)
-                        data.t_samples.append((time.monotonic() - t_start, float(th["t"]), float(pen)))
+                        at = time.monotonic() - t_start
+                        data.t_samples.append((at, float(th["t"]), float(pen)))
+                        data.load_samples.append((at, float(th.get("load", math.nan))))
                 except (httpx.HTTPError, ValueError):
                     pass
                 await asyncio.sleep(1.0)
@@ -319,12 +322,14 @@ def per_second(run: RunData, experts: list[str], slo_ms: float) -> list[dict[str
         lat = [o.latency_ms if o.status == 200 else math.inf for o in outs]
         ts = [t for s, t, _ in run.t_samples if sec <= s < sec + 1]
         pens = [p for s, _, p in run.t_samples if sec <= s < sec + 1]
+        signal = [x for s, x in run.load_samples if sec <= s < sec + 1]
         row: dict[str, Any] = {
             "run": run.name, "second": sec, "phase": outs[0].shot.phase if outs else "",
             "sent": len(outs), "ok": len(ok), "errors": len(outs) - len(ok),
             "p50_ms": pct(lat, 50) if outs else math.nan, "p99_ms": pct(lat, 99) if outs else math.nan,
             "over_slo": sum(1 for x in lat if x > slo_ms),
             "t": max(ts) if ts else math.nan, "max_penalty": max(pens) if pens else math.nan,
+            "load_signal": max(signal) if signal else math.nan,
             "t_applied": statistics.fmean(o.threshold for o in ok) if ok else math.nan,
         }
         for e in experts:
@@ -412,7 +417,7 @@ def main() -> int:
     ap.add_argument("--warm-s", type=float, default=20.0, help="seconds at --low before the step")
     ap.add_argument("--step-s", type=float, default=30.0, help="seconds of the step")
     ap.add_argument("--after-s", type=float, default=40.0, help="seconds at --low after the step")
-    ap.add_argument("--premium-tokens", type=int, default=256, help="answer length of the priciest expert")
+    ap.add_argument("--premium-tokens", type=int, default=128, help="answer length of the priciest expert")
     ap.add_argument("--tokens", type=int, default=16, help="answer length of the other experts")
     ap.add_argument("--slo-s", type=float, default=8.0, help="p99 total latency SLO of every expert")
     ap.add_argument("--target-ongoing", type=float, default=8.0,

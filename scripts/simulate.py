@@ -11,7 +11,9 @@ Drives the product's own :class:`coe.control.ThresholdController` (not a copy) a
 * requests: open-loop Poisson arrivals (baseline, a burst, baseline again), each with a predicted
   quality per expert (query domains with a best specialist and a few cheaper near-equal alternatives);
 * routing: the router's own rule (:func:`coe.control.choose_within_threshold`): cheapest expert whose
-  penalised quality is within t of the best, loaded experts dropping out of the candidates first;
+  penalised quality is within t of the best, loaded experts dropping out of the candidates first; in the
+  adaptive run also the ingress's overflow rule (:func:`coe.control.spill_overflow`): a request whose expert
+  is full (busy + queued >= replicas x capacity) goes at once to the cheapest non-full expert within t_max;
 * control: every ``interval_s`` the experts' :class:`coe.control.ExpertLoad` go into
   ``controller.step``; the new t and penalties apply to the following arrivals.
 
@@ -50,9 +52,12 @@ from coe.config import (
 from coe.control import (
     ExpertLoad,
     LatencyWindow,
+    Overflow,
     ThresholdController,
     capacity_per_replica,
     choose_within_threshold,
+    relievable,
+    spill_overflow,
 )
 
 
@@ -126,6 +131,7 @@ class RunResult:
     price: np.ndarray  # (n,) USD
     tick_t: list[tuple[float, float]] = field(default_factory=list)  # (time, t) per control step
     wall_s: float = 0.0
+    spilled: int = 0  # requests the overflow rule moved off a full expert
 
 
 # -- building the scenario ----------------------------------------------------------------------------
@@ -277,6 +283,7 @@ def simulate_run(name: str, scn: Scenario, experts: list[SimExpert], traffic: Tr
     tick_t: list[tuple[float, float]] = []
     share: dict[str, float] | None = None
     next_scale = 0.0
+    n_spilled = 0
 
     def start(k: int, i: int, now: float) -> None:
         busy[k] += 1
@@ -325,7 +332,7 @@ def simulate_run(name: str, scn: Scenario, experts: list[SimExpert], traffic: Tr
             t, penalties, load = controller.state.t, controller.state.penalties, controller.state.load
         else:
             t, penalties = ctrl_cfg.t_min, {}
-            load = ThresholdController.cluster_load(loads, share)
+            load = ThresholdController.cluster_load(loads, share, ctrl_cfg.min_share)
         tick_t.append((now, t))
         if now + 1e-9 >= next_scale:
             autoscale(now)
@@ -335,12 +342,22 @@ def simulate_run(name: str, scn: Scenario, experts: list[SimExpert], traffic: Tr
         hi = int(np.searchsorted(traffic.times, end, side="left"))
         pen_vec = np.array([penalties.get(x, 0.0) for x in names]) if penalties else None
         ch = route(traffic.quality[lo:hi], prices, t, pen_vec)
+        if controller is not None and controller.state.capacity and hi > lo:
+            # The ingress's overflow rule, on the occupancy at the tick (requests of this tick counted in order).
+            ov = Overflow(occupancy=np.array([busy[k] + len(queues[k]) for k in range(n_exp)], dtype=np.float64),
+                          capacity=np.array([controller.state.capacity[x] for x in names]),
+                          t_spill=np.full(hi - lo, max(t, ctrl_cfg.t_max)))
+            ch, spilled = spill_overflow(traffic.quality[lo:hi], prices, ch, np.ones(hi - lo, dtype=bool), ov,
+                                         pen_vec)
+            n_spilled += int(spilled.sum())
         chosen[lo:hi] = ch
         if lo < hi:
-            # The controller weighs experts by demand (each request's best predicted expert, what t
-            # diverts traffic from), as the ingress reports it; not by where traffic went.
-            counts = np.bincount(traffic.quality[lo:hi].argmax(1), minlength=n_exp)
-            share = {names[k]: float(counts[k]) / (hi - lo) for k in range(n_exp)}
+            # The controller watches the experts a higher t relieves: each request's best predicted expert where
+            # a cheaper one is within t_max (as the ingress reports it), not where traffic went.
+            qs = traffic.quality[lo:hi]
+            movable = relievable(qs, prices, ctrl_cfg.t_max)
+            counts = np.bincount(qs.argmax(1)[movable], minlength=n_exp)
+            share = {names[k]: float(counts[k]) / movable.sum() for k in range(n_exp)} if movable.any() else None
             med = np.array([e.median_ms for e in experts])[ch]
             svc = med * np.exp(scn.sigma * traffic.z[lo:hi])
             for k, e in enumerate(experts):
@@ -404,7 +421,7 @@ def simulate_run(name: str, scn: Scenario, experts: list[SimExpert], traffic: Tr
     res = RunResult(
         name=name, rows=rows, chosen=chosen, latency_ms=lat, done_at=np.array(done_at),
         given_up=np.maximum(0.0, qmax - qch).astype(np.float64),
-        over_slo=~(lat <= slo_ms[chosen]), price=prices[chosen], tick_t=tick_t,
+        over_slo=~(lat <= slo_ms[chosen]), price=prices[chosen], tick_t=tick_t, spilled=n_spilled,
     )
     _per_tick_stats(res, traffic, slo_ms, dt, names)
     res.wall_s = time.perf_counter() - wall0
@@ -470,6 +487,7 @@ def summarize(res: RunResult, scn: Scenario, traffic: Traffic, t_min: float) -> 
         "t_max_seen": max(t for _, t in res.tick_t),
         "t_back_s": back,
         "given_up_mean": float(res.given_up.mean()),
+        "spilled": res.spilled,
         "debt": float(res.given_up.sum()),
         "cost_usd": float(res.price.sum()),
         "max_replicas": int(max(r["replicas"] for r in res.rows)),
@@ -503,6 +521,7 @@ def print_table(summaries: dict[str, dict[str, Any]], title: str) -> None:
         ("t back at t_min after burst", fmt_back),
         ("quality given up / request", lambda s: f"{s['given_up_mean']:.4f}"),
         ("quality debt (sum)", lambda s: f"{s['debt']:.1f}"),
+        ("overflow spills", lambda s: f"{s['spilled']:,}"),
         ("cost (USD)", lambda s: f"{s['cost_usd']:.2f}"),
         ("max replicas", lambda s: f"{s['max_replicas']}"),
         ("replica-seconds", lambda s: f"{s['replica_s']:,.0f}"),
@@ -639,6 +658,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       ("ki", float), ("deadband", float), ("max-step", float), ("cooldown-s", float),
                       ("queue-penalty", float), ("interval-s", float)):
         p.add_argument(f"--{flag}", type=typ, default=None, help="override controller." + flag.replace("-", "_"))
+    p.add_argument("--no-overflow", action="store_true", help="adaptive run without the overflow rule (t only)")
     p.add_argument("--out", type=Path, default=Path("bench-results/simulate"))
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -650,6 +670,8 @@ def controller_config(args: argparse.Namespace) -> ControllerConfig:
     over = {k: getattr(args, k) for k in ("t_min", "t_max", "target_load", "kp", "ki", "deadband", "max_step",
                                           "cooldown_s", "queue_penalty", "interval_s")
             if getattr(args, k) is not None}
+    if getattr(args, "no_overflow", False):
+        over["overflow_load"] = None
     return ControllerConfig.model_validate({**base.model_dump(), **over, "enabled": True})
 
 

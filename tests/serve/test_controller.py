@@ -30,9 +30,12 @@ def test_concurrent_load_raises_t_and_idle_brings_it_back(coe_url: str) -> None:
     assert _wait_for(lambda: _t(coe_url) == 0.0, 40), _state(coe_url)
 
     def one(i: int) -> int:
+        # coe-auto traffic that prefers the generalist: the controller's signal is the load of the experts
+        # that routed traffic prefers (a higher t relieves those).
         r = httpx.post(f"{coe_url}/v1/chat/completions", timeout=300, json={
-            "model": "general", "messages": [{"role": "user", "content": f"Tell me a story about the number {i}."}],
+            "model": "coe-auto", "messages": [{"role": "user", "content": f"Tell me a story about the number {i}."}],
             "max_tokens": 48, "temperature": 0})
+        assert r.headers.get("x-coe-expert") == "general", r.headers
         return r.status_code
 
     seen: list[float] = []

@@ -13,10 +13,12 @@ from coe.config import ControllerConfig, SLOConfig, parse_config
 from coe.control import (
     ExpertLoad,
     LatencyWindow,
+    Overflow,
     ThresholdController,
     ThresholdState,
     capacity_per_replica,
     quality_given_up,
+    spill_overflow,
 )
 
 CFG = ControllerConfig(
@@ -151,12 +153,15 @@ def test_mildly_overloaded_trace_rises_monotonically() -> None:
     assert ts[-1] == pytest.approx(CFG.t_max)
 
 
-def test_traffic_weighted_cluster_load_and_penalties() -> None:
+def test_cluster_load_is_the_most_loaded_preferred_expert_and_penalties() -> None:
     loads = {"a": occupancy(2.0, "a"), "b": occupancy(0.2, "b"), "c": occupancy(0.9, "c")}
     assert ThresholdController.cluster_load(loads) == pytest.approx(2.0)
     share = {"a": 0.25, "b": 0.75}
-    assert ThresholdController.cluster_load(loads, share) == pytest.approx(0.25 * 2.0 + 0.75 * 0.2)
-    assert ThresholdController.cluster_load(loads, {"x": 1.0}) == pytest.approx(2.0)  # no weight: max
+    # c is overloaded-ish but no traffic prefers it: a higher t cannot relieve it, so it does not drive t.
+    assert ThresholdController.cluster_load(loads, {"b": 0.75, "c": 0.0}) == pytest.approx(0.2)
+    assert ThresholdController.cluster_load(loads, share) == pytest.approx(2.0)  # one busy expert is not diluted
+    assert ThresholdController.cluster_load(loads, {"a": 0.01, "b": 0.99}, min_share=0.05) == pytest.approx(0.2)
+    assert ThresholdController.cluster_load(loads, {"x": 1.0}) == pytest.approx(2.0)  # no known expert: max
     assert ThresholdController.cluster_load({}) == 0.0
     state = ThresholdController(CFG).step(loads, now=0.0, traffic_share=share)
     assert set(state.penalties) == {"a", "c"}
@@ -234,3 +239,89 @@ def test_penalties_never_route_beyond_t_and_drop_loaded_alternatives() -> None:
     # ... unless t is 0, or nothing else is within t: then the best is kept.
     assert choose_within_threshold(q2, np.array([1.0, 2.0]), 0.0, np.array([0.2, 0.0]))[0] == 0
     assert choose_within_threshold(q2, np.array([1.0, 2.0]), 0.01, np.array([0.2, 0.0]))[0] == 0
+
+
+def test_when_the_best_and_its_alternative_are_both_loaded_the_less_loaded_takes_the_request() -> None:
+    from coe.control import choose_within_threshold
+
+    q = np.array([[0.82, 0.69, 0.10]])  # premium, generalist, far-off cheap expert
+    prices = np.array([3.0, 2.0, 1.0])
+    # Premium far more loaded than the generalist: diverted to the generalist (not sent back to the premium).
+    assert choose_within_threshold(q, prices, 0.3, np.array([0.8, 0.3, 0.0]))[0] == 1
+    # The generalist more loaded than the premium: it stays with the premium.
+    assert choose_within_threshold(q, prices, 0.3, np.array([0.1, 0.6, 0.0]))[0] == 0
+    # Never to the cheap expert 0.72 below, however loaded the others are.
+    assert choose_within_threshold(q, prices, 0.3, np.array([5.0, 5.0, 0.0]))[0] in (0, 1)
+    # An infinite penalty excludes; with every candidate excluded the best is kept.
+    assert choose_within_threshold(q, prices, 0.3, np.array([np.inf, 0.0, 0.0]))[0] == 1
+    assert choose_within_threshold(q, prices, 0.3, np.array([np.inf, np.inf, 0.0]))[0] == 0
+
+
+def test_relievable_demand() -> None:
+    from coe.control import relievable
+
+    q = np.array([[0.9, 0.8, 0.1], [0.9, 0.5, 0.1], [0.2, 0.9, 0.85], [0.1, 0.2, 0.9]])
+    prices = np.array([3.0, 2.0, 1.0])
+    # Row 0: a cheaper expert within 0.3; row 1: none; row 2: the cheapest is near; row 3: best is the cheapest.
+    assert relievable(q, prices, 0.3).tolist() == [True, False, True, False]
+    assert relievable(q, prices, 0.0).tolist() == [False, False, False, False]
+
+
+def test_demand_share_is_smoothed_so_one_quiet_period_does_not_drop_t() -> None:
+    """At a few requests per second one period's share is 0 or 1 per expert; the controller smooths it, so a
+    second in which only chat arrived does not hide the premium expert's queue."""
+    cfg = CFG.model_copy(update={"share_window_s": 10.0, "min_share": 0.05})
+    ctrl = ThresholdController(cfg)
+    busy = {"a": occupancy(2.0, "a"), "b": occupancy(0.1, "b")}
+    for i in range(10):
+        ctrl.step(busy, now=float(i), traffic_share={"a": 0.6, "b": 0.4})
+    t_before = ctrl.state.t
+    state = ctrl.step(busy, now=10.0, traffic_share={"b": 1.0})  # only b's traffic this second
+    assert state.load == pytest.approx(2.0) and state.t >= t_before
+    assert 0.4 < ctrl.smoothed_share()["a"] < 0.6
+    state = ctrl.step(busy, now=11.0, traffic_share=None)  # no routed traffic: the share is kept for a while
+    assert state.load == pytest.approx(2.0) and ctrl.smoothed_share()
+    ctrl.step(busy, now=11.0 + 3 * cfg.share_window_s + 1, traffic_share=None)
+    assert ctrl.smoothed_share() == {}  # stale: every expert counts again
+
+
+# -- the overflow rule (the fast half) --------------------------------------------------------------------
+
+PRICES = np.array([3.0, 2.0, 1.0])  # premium, mid, cheap
+
+
+def test_overflow_spills_requests_in_order_once_the_expert_is_full() -> None:
+    q = np.array([[0.9, 0.85, 0.5]] * 4)  # premium best, mid 0.05 below, cheap far below
+    chosen = np.zeros(4, dtype=int)
+    ov = Overflow(occupancy=np.array([1.0, 0.0, 0.0]), capacity=np.array([2.0, 8.0, 8.0]), t_spill=np.full(4, 0.1))
+    out, spilled = spill_overflow(q, PRICES, chosen, np.ones(4, dtype=bool), ov)
+    # The first fills premium (1 -> 2); the rest find it full and go to mid (within 0.1), never to cheap (0.4 below).
+    assert out.tolist() == [0, 1, 1, 1] and spilled.tolist() == [False, True, True, True]
+    assert ov.occupancy.tolist() == [1.0, 0.0, 0.0]  # the caller's counts are not modified
+
+
+def test_overflow_respects_eligibility_t_spill_and_full_alternatives() -> None:
+    q = np.array([[0.9, 0.85, 0.5]])
+    full = Overflow(occupancy=np.array([5.0, 0.0, 0.0]), capacity=np.array([2.0, 8.0, 8.0]), t_spill=np.array([0.1]))
+    assert spill_overflow(q, PRICES, np.array([0]), np.array([False]), full)[0].tolist() == [0]  # not eligible
+    tight = Overflow(occupancy=full.occupancy, capacity=full.capacity, t_spill=np.array([0.01]))
+    assert spill_overflow(q, PRICES, np.array([0]), np.array([True]), tight)[0].tolist() == [0]  # mid beyond t
+    both = Overflow(occupancy=np.array([5.0, 9.0, 0.0]), capacity=full.capacity, t_spill=np.array([0.1]))
+    out, spilled = spill_overflow(q, PRICES, np.array([0]), np.array([True]), both)
+    assert out.tolist() == [0] and not spilled[0]  # the only alternative is full too: it stays and waits
+    # Load penalties rank the alternatives that are not full just as in choose_within_threshold.
+    q3 = np.array([[0.9, 0.86, 0.85]])
+    assert spill_overflow(q3, PRICES, np.array([0]), np.array([True]), full)[0].tolist() == [2]
+    pen = np.array([0.0, 0.0, 0.2])
+    assert spill_overflow(q3, PRICES, np.array([0]), np.array([True]), full, pen)[0].tolist() == [1]
+    with pytest.raises(ValueError):
+        Overflow(occupancy=np.zeros(2), capacity=np.zeros(3), t_spill=np.zeros(1))
+
+
+def test_controller_publishes_capacity_per_router() -> None:
+    ctrl = ThresholdController(CFG.model_copy(update={"overflow_load": 1.0}))
+    loads = {"a": ExpertLoad(expert="a", in_flight=0, replicas=3, capacity_per_replica=4.0, slo=SLOConfig(),
+                             timestamp=0.0)}
+    assert ctrl.step(loads, now=0.0, routers=2).capacity == {"a": pytest.approx(6.0)}
+    off = ThresholdController(CFG.model_copy(update={"overflow_load": None}))
+    assert off.step(loads, now=0.0).capacity == {}

@@ -116,3 +116,21 @@ def test_per_request_thresholds_and_penalties_in_one_batch(small: dict) -> None:
     # ... but never beyond the request's own t: at t = 0 (premium) load cannot move it.
     (dz,) = router.route_each(q[:1], [0.0], penalties={d0.expert: 10.0})
     assert dz.expert == d0.expert
+
+
+def test_overflow_moves_a_request_off_a_full_expert_within_its_spill_threshold(small: dict) -> None:
+    from coe.control import Overflow
+
+    router = RouterDCRouter(small["artifact"])
+    q = ["Natalia sold clips to 48 of her friends in April. How many clips did she sell in total?"]
+    (d0,) = router.route_each(q, [0.0])
+    k = router.experts.index(d0.expert)
+    occ = np.zeros(len(router.experts))
+    occ[k] = 10.0
+    cap = np.full(len(router.experts), 4.0)
+    (d1,) = router.route_each(q, [0.0], overflow=Overflow(occupancy=occ, capacity=cap, t_spill=np.array([1.0])))
+    assert d1.expert != d0.expert and d1.reason == "overflow(t=1)" and d1.threshold == 1.0
+    assert d1.scores == d0.scores
+    # t_spill no larger than the request's own t (its own t, or a cap of 0): it stays and waits.
+    (d2,) = router.route_each(q, [0.0], overflow=Overflow(occupancy=occ, capacity=cap, t_spill=np.array([0.0])))
+    assert d2.expert == d0.expert

@@ -257,8 +257,6 @@ class RouterDCConfig(StrictModel):
         "this config's experts."
     )
 
-    def artifact_path(self) -> Path:
-        return Path(os.path.expandvars(os.path.expanduser(self.artifact)))
     fallback_expert: str | None = Field(
         None, description="Overrides the artifact's fallback (the safe generalist for uncertain/OOD queries)."
     )
@@ -270,6 +268,10 @@ class RouterDCConfig(StrictModel):
     )
     batch_max_size: int = Field(32, ge=1, description="Concurrent routing decisions encoded in one batch.")
     batch_wait_timeout_s: float = Field(0.002, ge=0.0, description="How long a batch waits to fill.")
+
+    def artifact_path(self) -> Path:
+        """The artifact directory, `~` and $VARS expanded."""
+        return Path(os.path.expandvars(os.path.expanduser(self.artifact)))
 
 
 class ControllerConfig(StrictModel):

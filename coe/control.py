@@ -236,10 +236,10 @@ class ThresholdController:
     Per-expert routing penalties are ``queue_penalty * max(0, load_ratio - target_load)``; among a request's
     candidates within t the router drops the experts whose penalised quality falls more than t below the best
     penalised one (see :func:`choose_within_threshold`).
-    The load signal is the largest load ratio among the experts that a higher t relieves: callers pass each
+    The load signal is the mean load ratio of the experts that a higher t relieves: callers pass each
     period's relievable demand share (requests whose best predicted expert is that one, whatever t chose, and
     that have a cheaper expert within ``t_max`` of it: :func:`relievable`), which the controller smooths over
-    ``share_window_s``; experts below ``min_share`` of it do not drive t.
+    ``share_window_s`` and which weighs the mean; experts below ``min_share`` of it do not enter it.
     """
 
     def __init__(self, cfg: ControllerConfig, initial: ThresholdState | None = None) -> None:
@@ -270,19 +270,21 @@ class ThresholdController:
     def cluster_load(
         loads: dict[str, ExpertLoad], traffic_share: dict[str, float] | None = None, min_share: float = 0.0
     ) -> float:
-        """The load that a higher t relieves: the largest load ratio among the experts that are the best choice
-        for at least `min_share` (> 0) of the traffic; the largest of all where no share is known.
+        """The load that a higher t relieves: the mean load ratio of the experts with at least `min_share` (> 0)
+        of `traffic_share` (the relievable demand), weighted by it; the largest ratio where no share is known.
 
-        The most loaded preferred expert, not a traffic-weighted mean: the mean dilutes one overloaded premium
-        expert by the idle rest until its queue is already long, and latency is lost at the worst expert.
+        Experts that no movable request prefers do not enter the mean: they would dilute one overloaded premium
+        expert by idle ones that t cannot help. A mean, not the max, over the rest: the most loaded of many
+        experts sits near the target even at rest, which would keep t up for good.
         """
         if not loads:
             return 0.0
         ratios = {name: load.load_ratio() for name, load in loads.items()}
         if traffic_share:
-            preferred = [r for n, r in ratios.items() if float(traffic_share.get(n, 0.0)) >= max(min_share, 1e-12)]
-            if preferred:
-                return max(preferred)
+            w = {n: float(traffic_share.get(n, 0.0)) for n in ratios}
+            w = {n: v for n, v in w.items() if v >= max(min_share, 1e-12)}
+            if w:
+                return sum(ratios[n] * v for n, v in w.items()) / sum(w.values())
         return max(ratios.values())
 
     def smoothed_share(self) -> dict[str, float]:

@@ -25,7 +25,14 @@ from ray.serve.handle import DeploymentHandle
 from coe.config import AUTO_MODEL, CoeConfig, ExpertConfig, RuntimeSettings
 import numpy as np
 
-from coe.control import LatencyWindow, Overflow, ThresholdState, capacity_per_replica, quality_given_up
+from coe.control import (
+    LatencyWindow,
+    Overflow,
+    ThresholdState,
+    capacity_per_replica,
+    quality_given_up,
+    relievable,
+)
 from coe.engines import EnginePrompt, SamplingParams
 from coe.errors import (
     CoeError,
@@ -229,7 +236,7 @@ class CoeIngress:
         # Demand, not placement: the controller weighs each expert by the requests it is best for.
         best_expert = decision.extra.get("best_expert", decision.expert)
         self.routed[best_expert] += 1
-        if self._relievable(decision.scores, best_expert):
+        if self._relievable(decision.scores):
             self.relievable[best_expert] += 1
         self.m_route_ms.observe(decision.extra.get("route_ms", 0.0))
         if decision.reason.startswith("fallback:"):
@@ -249,14 +256,14 @@ class CoeIngress:
             record["prompt"] = query
         self.pending_decisions.append(record)
 
-    def _relievable(self, scores: dict[str, float], best: str) -> bool:
-        """Whether a cheaper expert is within t_max of the best's predicted quality (a higher t can move it)."""
-        if best not in scores or best not in self.experts:
+    def _relievable(self, scores: dict[str, float]) -> bool:
+        """Whether a higher t could move this request (:func:`coe.control.relievable`)."""
+        names = [n for n in scores if n in self.experts]
+        if not names:
             return False
-        floor = scores[best] - self.config.controller.t_max - 1e-12
-        price = self.experts[best].price_per_1k_tokens
-        return any(q >= floor and self.experts[n].price_per_1k_tokens < price
-                   for n, q in scores.items() if n in self.experts)
+        return bool(relievable(np.array([[scores[n] for n in names]]),
+                               np.array([self.experts[n].price_per_1k_tokens for n in names]),
+                               self.config.controller.t_max)[0])
 
     def _account_usage(self, request: Request, expert: ExpertConfig, tokens: int) -> None:
         auth = request.headers.get("authorization", "")

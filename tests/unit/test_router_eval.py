@@ -27,7 +27,12 @@ TASKS = [("mmlu_train", "mmlu_test"), ("gsm8k-train", "gsm8k-test"), ("cmmlu_tra
 PRICES = json.loads((Path(__file__).resolve().parents[2] / "router_models" / "prices" / "routerdc_params.json")
                     .read_text())
 
-pytestmark = pytest.mark.skipif(not RDC.exists(), reason=f"shared RouterDC data not found at {RDC}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_data() -> None:
+    if not RDC.exists():
+        pytest.fail(f"shared RouterDC data not found at {RDC}: set COE_SHARED_DATA to the shared data directory")
 
 
 def _slice(path: Path, n: int, out: Path) -> Path:

@@ -58,9 +58,9 @@ def test_bad_files_are_clear(tmp_path: Path) -> None:
         load_any(csvf)
 
 
-@pytest.mark.skipif(not (SHARED / "routing").exists(), reason="shared routing data not present beside the project")
 def test_shared_single_model_accuracies_match_the_published_table() -> None:
     """The loaders + rule reproduce ../shared/data/README.md's single-model averages."""
+    assert (SHARED / "routing").exists(), f"shared routing data not found at {SHARED}: set COE_SHARED_DATA"
     files = ["mmlu_test.json", "gsm8k-test.json", "cmmlu_test.json", "arc_challenge_test.json", "humaneval_test.json"]
     per_file = [np.nanmean(load_any(SHARED / "routing" / "routerdc" / f).correct(), axis=0) * 100 for f in files]
     avg = np.mean(per_file, axis=0)

@@ -68,7 +68,9 @@ def test_no_queueing_latency_is_the_service_time(sim: ModuleType) -> None:
 def test_burst_adaptive_vs_fixed(sim: ModuleType, tmp_path: Path) -> None:
     t0 = time.perf_counter()
     scn = small_burst(sim)
-    cfg = ControllerConfig(t_max=0.1)  # the product defaults; pinned so config edits do not move this test
+    # The product defaults, pinned so config edits do not move this test; the overflow rule off, so this run
+    # shows the slow loop (t) alone: with the rule on, spills absorb much of the burst (see the next test).
+    cfg = ControllerConfig(t_max=0.1, overflow_load=None)
     results, _, traffic = sim.run_both(scn, cfg, progress=False)
     fixed, adaptive = results["fixed"], results["adaptive"]
     sf = sim.summarize(fixed, scn, traffic, cfg.t_min)
@@ -96,6 +98,8 @@ def test_burst_adaptive_vs_fixed(sim: ModuleType, tmp_path: Path) -> None:
     # every request finished
     assert sf["unfinished"] == 0 and sa["unfinished"] == 0
 
+    assert adaptive.spilled == 0
+
     csv_path, png_path = sim.write_outputs(results, scn, cfg, tmp_path / "out")
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(csv_path.open()))
@@ -122,3 +126,15 @@ def test_main_writes_outputs(sim: ModuleType, tmp_path: Path) -> None:
     assert set(summaries) == {"fixed", "adaptive"}
     assert (out / "simulate.csv").stat().st_size > 0
     assert (out / "simulate.png").stat().st_size > 0
+
+
+def test_burst_with_the_overflow_rule(sim: ModuleType) -> None:
+    scn = small_burst(sim)
+    cfg = ControllerConfig(t_max=0.1, overflow_load=1.0)
+    results, _, traffic = sim.run_both(scn, cfg, progress=False)
+    sf = sim.summarize(results["fixed"], scn, traffic, cfg.t_min)
+    sa = sim.summarize(results["adaptive"], scn, traffic, cfg.t_min)
+    assert results["fixed"].spilled == 0 and sa["spilled"] > 0  # only the adaptive run has the rule
+    assert sa["burst_p99_ms"] <= sf["burst_p99_ms"] and sa["over_slo"] <= sf["over_slo"]
+    assert 0.0 < sa["given_up_mean"] <= cfg.t_max  # never more than t_max below the best
+    assert sa["unfinished"] == 0

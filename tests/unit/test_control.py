@@ -14,10 +14,12 @@ from coe.control import (
     ExpertLoad,
     LatencyWindow,
     Overflow,
+    ServiceRate,
     ThresholdController,
     ThresholdState,
     capacity_per_replica,
     quality_given_up,
+    slo_capacity,
     spill_overflow,
 )
 
@@ -310,9 +312,16 @@ def test_overflow_respects_eligibility_t_spill_and_full_alternatives() -> None:
     assert spill_overflow(q, PRICES, np.array([0]), np.array([False]), full)[0].tolist() == [0]  # not eligible
     tight = Overflow(occupancy=full.occupancy, capacity=full.capacity, t_spill=np.array([0.01]))
     assert spill_overflow(q, PRICES, np.array([0]), np.array([True]), tight)[0].tolist() == [0]  # mid beyond t
+    # The only alternative is full too: the request goes where it adds the least load relative to capacity.
     both = Overflow(occupancy=np.array([5.0, 9.0, 0.0]), capacity=full.capacity, t_spill=np.array([0.1]))
     out, spilled = spill_overflow(q, PRICES, np.array([0]), np.array([True]), both)
-    assert out.tolist() == [0] and not spilled[0]  # the only alternative is full too: it stays and waits
+    assert out.tolist() == [1] and spilled[0]  # mid at (9+1)/8 beats premium at (5+1)/2
+    worse = Overflow(occupancy=np.array([2.0, 30.0, 0.0]), capacity=full.capacity, t_spill=np.array([0.1]))
+    out, spilled = spill_overflow(q, PRICES, np.array([0]), np.array([True]), worse)
+    assert out.tolist() == [0] and not spilled[0]  # mid at 31/8 is worse off than premium at 3/2: it waits
+    # Not beyond t_spill (cheap is 0.4 below), and never to an excluded (infinite penalty) expert.
+    assert spill_overflow(q, PRICES, np.array([0]), np.array([True]), both,
+                          np.array([0.0, np.inf, 0.0]))[0].tolist() == [0]
     # Load penalties rank the alternatives that are not full just as in choose_within_threshold.
     q3 = np.array([[0.9, 0.86, 0.85]])
     assert spill_overflow(q3, PRICES, np.array([0]), np.array([True]), full)[0].tolist() == [2]
@@ -320,6 +329,38 @@ def test_overflow_respects_eligibility_t_spill_and_full_alternatives() -> None:
     assert spill_overflow(q3, PRICES, np.array([0]), np.array([True]), full, pen)[0].tolist() == [1]
     with pytest.raises(ValueError):
         Overflow(occupancy=np.zeros(2), capacity=np.zeros(3), t_spill=np.zeros(1))
+
+
+def test_overflow_balances_a_burst_beyond_every_capacity_in_proportion() -> None:
+    q = np.array([[0.9, 0.85, 0.5]] * 30)
+    ov = Overflow(occupancy=np.zeros(3), capacity=np.array([2.0, 8.0, 8.0]), t_spill=np.full(30, 0.1))
+    out, _ = spill_overflow(q, PRICES, np.zeros(30, dtype=int), np.ones(30, dtype=bool), ov)
+    n_prem, n_mid = int((out == 0).sum()), int((out == 1).sum())
+    assert n_prem + n_mid == 30 and not (out == 2).any()
+    assert n_prem / 2.0 == pytest.approx(n_mid / 8.0, abs=0.5)  # 6 and 24: equal load per unit of capacity
+
+
+def test_service_rate_measures_busy_seconds_per_request_and_slo_capacity() -> None:
+    sr = ServiceRate(window_s=30.0, min_samples=3)
+    assert sr.seconds_per_request(0.0) is None and slo_capacity(None, 8.0) == float("inf")
+    # Three requests sent together at t=0 to a one-at-a-time server finish at 2, 4, 6 s; then idle until 100.
+    for _ in range(3):
+        sr.started(0.0, 0 if _ == 0 else _)
+    for t in (2.0, 4.0, 6.0):
+        sr.finished(t)
+    assert sr.seconds_per_request(6.0) == pytest.approx(2.0)
+    sr.started(100.0, 0)  # idle time is not busy time; the old samples left the window
+    sr.finished(101.0)
+    assert sr.seconds_per_request(101.0) is None  # one sample in the window
+    sr.started(101.0, 0)
+    sr.finished(102.0)
+    sr.started(102.0, 0)
+    sr.finished(103.0)
+    assert sr.seconds_per_request(103.0) == pytest.approx(1.0)
+    # 8 s SLO at 2 s a request: the 4th request in flight would finish at 8 s, so 3 may be in flight.
+    assert slo_capacity(2.0, 8.0) == pytest.approx(3.0)
+    assert slo_capacity(2.0, 8.0, load=0.5) == pytest.approx(1.0)
+    assert slo_capacity(20.0, 8.0) == 0.0
 
 
 def test_controller_publishes_capacity_per_router() -> None:

@@ -120,3 +120,26 @@ def test_mismatched_or_corrupt_artifact_is_refused(trained, tmp_path: Path) -> N
         RouterDCRouter(bad, encoder=enc)
     with pytest.raises(RouterArtifactError, match="not a router artifact"):
         RouterDCRouter(tmp_path / "missing", encoder=enc)
+
+
+def test_int8_encoder_is_close_and_its_artifact_serves_only_with_int8(trained, tmp_path: Path) -> None:  # noqa: ANN001
+    test, _, _, enc = trained
+    q8 = SentenceEncoder(quantize="int8")
+    a, b = enc.encode(test.questions[:20]), q8.encode(test.questions[:20])
+    cos = (a * b).sum(axis=1)
+    assert cos.mean() > 0.9, cos  # close to the float encoder ...
+    assert cos.min() < 0.9999  # ... but really quantized (a different encoder, a different fingerprint)
+    data = _dataset()
+    model, _ = train_router(data, q8, prices=PRICES, fallback_expert="generalist",
+                            cfg=TrainConfig(epochs=10, batch_size=32, n_clusters=3), progress=False,
+                            cache_dir=tmp_path / "emb")
+    out = save_artifact(tmp_path / "art8", model)
+    assert json.loads((out / "config.json").read_text())["encoder_quantization"] == "int8"
+    # Loaded without an encoder, it builds the int8 one it was trained with: same fingerprint, it serves.
+    router = RouterDCRouter(out)
+    assert router.encoder.quantize == "int8"
+    assert router.route_batch(["Translate into French: the sun is warm"], threshold=0.0)[0].expert == "french"
+    with pytest.raises(RouterArtifactError, match="fingerprint"):
+        RouterDCRouter(out, encoder=enc)  # the float encoder is not what it was trained with
+    with pytest.raises(Exception, match="unknown encoder quantization"):
+        SentenceEncoder(quantize="int4")  # type: ignore[arg-type]

@@ -23,13 +23,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from coe.control import Overflow, choose_within_threshold, spill_overflow
-from coe.encoder import SentenceEncoder
-from coe.errors import ModelLoadError, RouterArtifactError
+from coe.encoder import Quantization, SentenceEncoder
+from coe.errors import RouterArtifactError
 from coe.routing import Router, RoutingDecision
 
 ARTIFACT_VERSION = 2
@@ -294,11 +294,9 @@ def load_artifact(path: str | Path, *, expected_experts: list[str] | None = None
         head = (arrays["head_w"], arrays["head_b"], arrays["expert_emb"], arrays["knn_quality"])
     except (OSError, RuntimeError, KeyError) as err:
         raise RouterArtifactError(f"{d}: cannot read weights or index: {err}") from None
-    if encoder is None:
-        try:
-            encoder = SentenceEncoder(params.encoder or None, quantize=params.encoder_quantization)  # type: ignore[arg-type]
-        except ModelLoadError as err:
-            raise RouterArtifactError(f"{d}: {err}") from None
+    if encoder is None:  # the encoder it was trained with (ModelLoadError names a missing or unknown one)
+        quantize = cast(Quantization, params.encoder_quantization)
+        encoder = SentenceEncoder(params.encoder or None, quantize=quantize)
     fp = encoder_fingerprint(encoder)
     if fp != params.encoder_fingerprint:
         raise RouterArtifactError(

@@ -23,6 +23,13 @@ import numpy as np
 from coe.config import ControllerConfig, ExpertConfig, SLOConfig
 
 
+def near_best(quality: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
+    """Mask of the experts within `threshold` (scalar or one per row) of each row's best predicted quality."""
+    q = np.asarray(quality, dtype=np.float64)
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(q),))[:, None]
+    return q >= q.max(axis=1, keepdims=True) - t - 1e-12
+
+
 def choose_within_threshold(quality: np.ndarray, prices: np.ndarray, threshold: float | np.ndarray,
                             penalties: np.ndarray | None = None) -> np.ndarray:
     """The routing rule (HybridLLM's threshold, made load-aware): one expert index per row of `quality`.
@@ -41,7 +48,7 @@ def choose_within_threshold(quality: np.ndarray, prices: np.ndarray, threshold: 
     """
     q = np.asarray(quality, dtype=np.float64)
     t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (len(q),))[:, None]
-    ok = q >= q.max(axis=1, keepdims=True) - t - 1e-12
+    ok = near_best(q, threshold)
     if penalties is not None:
         qp = q - np.broadcast_to(np.asarray(penalties, dtype=np.float64), q.shape)
         best_p = np.where(ok, qp, -np.inf).max(axis=1, keepdims=True)
@@ -57,8 +64,7 @@ def relievable(quality: np.ndarray, prices: np.ndarray, t_max: float) -> np.ndar
     q = np.asarray(quality, dtype=np.float64)
     p = np.asarray(prices, dtype=np.float64)
     best = q.argmax(axis=1)
-    near = q >= q.max(axis=1, keepdims=True) - t_max - 1e-12
-    return (near & (p[None, :] < p[best][:, None])).any(axis=1)
+    return (near_best(q, t_max) & (p[None, :] < p[best][:, None])).any(axis=1)
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,7 @@ def spill_overflow(quality: np.ndarray, prices: np.ndarray, chosen: np.ndarray, 
             if alt != c and occ[alt] < cap[alt]:
                 out[i], spilled[i] = alt, True
             else:
-                within = q[i] >= q[i].max() - float(overflow.t_spill[i]) - 1e-12
+                within = near_best(q[i:i + 1], float(overflow.t_spill[i]))[0]
                 if pen is not None:
                     within &= np.isfinite(pen[i])
                 rel = np.where(within, (occ + 1.0) / np.maximum(cap, 1e-9), np.inf)
@@ -138,10 +144,10 @@ class ServiceRate:
 
     def finished(self, now: float) -> None:
         """A request came back (success or error)."""
-        busy = now - self._mark if self._mark is not None else 0.0
+        busy = max(0.0, now - self._mark) if self._mark is not None else 0.0
         self._mark = now
-        self._done.append((now, max(0.0, busy)))
-        self._busy += max(0.0, busy)
+        self._done.append((now, busy))
+        self._busy += busy
         self._expire(now)
 
     def _expire(self, now: float) -> None:

@@ -301,7 +301,7 @@ def load_artifact(path: str | Path, *, expected_experts: list[str] | None = None
     if fp != params.encoder_fingerprint:
         raise RouterArtifactError(
             f"{d} was trained with encoder fingerprint {params.encoder_fingerprint}, the loaded encoder "
-            f"'{encoder.name}' (quantization {getattr(encoder, 'quantize', 'none')}) has {fp}"
+            f"'{encoder.name}' (quantization {encoder.quantize}) has {fp}"
         )
     model = RouterDCModel(params, head[0], head[1], head[2], index, head[3], prior)
     return model, encoder

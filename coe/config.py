@@ -137,8 +137,19 @@ class LlamaCppOptions(StrictModel):
     """llama.cpp engine options (CPU)."""
 
     n_ctx: int = Field(2048, ge=128, description="Context window in tokens.")
-    n_threads: int | None = Field(None, ge=1, description="CPU threads; default: the replica's CPUs.")
+    n_threads: int | None = Field(
+        None, ge=1,
+        description="CPU threads for generation; default: the replica's reserved CPUs (num_cpus) rounded down, at "
+                    "least 1. Keep the threads of all experts on a node within its cores: llama.cpp's threads "
+                    "spin while they wait, and two 2-thread experts decoding at once on 2 cores ran 5x slower.")
+    n_threads_batch: int | None = Field(
+        None, ge=1, description="CPU threads for prompt processing; default: n_threads.")
     n_batch: int = Field(256, ge=1)
+
+    def threads(self, num_cpus: float) -> tuple[int, int]:
+        """(generation, prompt processing) threads for a replica that reserves `num_cpus` CPUs."""
+        n = self.n_threads or max(1, int(num_cpus))
+        return n, self.n_threads_batch or n
     seed: int = Field(0, description="Sampling seed (per replica).")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -70,12 +69,14 @@ class LlamaCppEngine:
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        n_threads = self._opts.n_threads or max(1, int(self._expert.resources.num_cpus) or os.cpu_count() or 1)
+        # Both counts explicit: llama-cpp-python's own default for prompt processing is every core of the machine.
+        n_threads, n_threads_batch = self._opts.threads(self._expert.resources.num_cpus)
         try:
             self._llm = Llama(
                 model_path=path,
                 n_ctx=self._opts.n_ctx,
                 n_threads=n_threads,
+                n_threads_batch=n_threads_batch,
                 n_batch=self._opts.n_batch,
                 seed=self._opts.seed,
                 verbose=False,
@@ -96,7 +97,8 @@ class LlamaCppEngine:
             raise ModelLoadError(
                 f"expert '{self._expert.name}': {path} has no chat template; set prompt.template"
             )
-        logger.info("expert %s loaded %s (n_ctx=%d, threads=%d)", self._expert.name, path, self._opts.n_ctx, n_threads)
+        logger.info("expert %s loaded %s (n_ctx=%d, threads=%d, batch threads=%d)", self._expert.name, path,
+                    self._opts.n_ctx, n_threads, n_threads_batch)
 
     def tokenize_prompt(self, prompt: EnginePrompt) -> list[int]:
         """Render the prompt (chat template or text) and tokenize it."""

@@ -81,3 +81,19 @@ async def test_prompt_over_context_is_refused(engine: LlamaCppEngine) -> None:
     long = EnginePrompt(messages=({"role": "user", "content": "word " * 2500},))
     with pytest.raises(ContextLengthExceededError, match="2048"):
         await engine.generate(long, GREEDY)
+
+
+def test_engine_uses_the_configured_threads_for_prompts_too(engine: LlamaCppEngine) -> None:
+    # llama-cpp-python's own default for prompt processing is every core; two experts doing that at once on
+    # this machine ran 4-5x slower, so the engine passes both counts.
+    assert engine._llm is not None
+    assert (engine._llm.n_threads, engine._llm.n_threads_batch) == (1, 1)
+
+
+def test_thread_defaults_follow_the_replica_reservation() -> None:
+    from coe.config import LlamaCppOptions
+
+    assert LlamaCppOptions().threads(0.5) == (1, 1)
+    assert LlamaCppOptions().threads(3.0) == (3, 3)
+    assert LlamaCppOptions(n_threads=2).threads(0.5) == (2, 2)
+    assert LlamaCppOptions(n_threads=1, n_threads_batch=4).threads(8.0) == (1, 4)

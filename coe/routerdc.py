@@ -33,6 +33,7 @@ from coe.errors import RouterArtifactError
 from coe.routing import Router, RoutingDecision
 
 ARTIFACT_VERSION = 2
+ENCODER_TOP_FILE = "encoder_top.safetensors"
 
 
 @dataclass
@@ -54,6 +55,7 @@ class RouterDCParams:
     groups: list[str] = field(default_factory=list)  # training groups (tasks) of the prior
     default_threshold: float = 0.0
     encoder_quantization: str = "none"  # SentenceEncoder(quantize=...) it was trained and must serve with
+    encoder_finetuned_layers: int = 0  # top encoder blocks replaced by the artifact's encoder_top.safetensors
     version: int = ARTIFACT_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -91,8 +93,10 @@ class RouterDCModel:
     """The numeric part of the router, shared by training-time evaluation and serving."""
 
     def __init__(self, params: RouterDCParams, head_w: np.ndarray, head_b: np.ndarray, expert_emb: np.ndarray,
-                 index: Any, knn_quality: np.ndarray, prior: GroupPrior) -> None:
+                 index: Any, knn_quality: np.ndarray, prior: GroupPrior,
+                 encoder_top_layers: dict[str, Any] | None = None) -> None:
         self.params = params
+        self.encoder_top_layers = encoder_top_layers or {}  # fine-tuned encoder blocks (saved with the artifact)
         self.head_w = head_w.astype(np.float32)
         self.head_b = head_b.astype(np.float32)
         e = expert_emb.astype(np.float32)
@@ -294,21 +298,31 @@ def load_artifact(path: str | Path, *, expected_experts: list[str] | None = None
         head = (arrays["head_w"], arrays["head_b"], arrays["expert_emb"], arrays["knn_quality"])
     except (OSError, RuntimeError, KeyError) as err:
         raise RouterArtifactError(f"{d}: cannot read weights or index: {err}") from None
+    top_layers: dict[str, Any] = {}
+    if params.encoder_finetuned_layers:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            top_layers = load_file(str(d / ENCODER_TOP_FILE))
+        except (OSError, SafetensorError) as err:
+            raise RouterArtifactError(f"{d}: cannot read the fine-tuned encoder blocks ({ENCODER_TOP_FILE}): "
+                                      f"{err}") from None
     if encoder is None:  # the encoder it was trained with (ModelLoadError names a missing or unknown one)
         quantize = cast(Quantization, params.encoder_quantization)
-        encoder = SentenceEncoder(params.encoder or None, quantize=quantize)
+        encoder = SentenceEncoder(params.encoder or None, quantize=quantize, top_layers=top_layers)
     fp = encoder_fingerprint(encoder)
     if fp != params.encoder_fingerprint:
         raise RouterArtifactError(
             f"{d} was trained with encoder fingerprint {params.encoder_fingerprint}, the loaded encoder "
             f"'{encoder.name}' (quantization {encoder.quantize}) has {fp}"
         )
-    model = RouterDCModel(params, head[0], head[1], head[2], index, head[3], prior)
+    model = RouterDCModel(params, head[0], head[1], head[2], index, head[3], prior, encoder_top_layers=top_layers)
     return model, encoder
 
 
 def save_artifact(path: str | Path, model: RouterDCModel) -> Path:
-    """Write config.json, weights.npz and index.faiss."""
+    """Write config.json, weights.npz, index.faiss and, when fine-tuned, the encoder's top blocks."""
     import faiss
 
     d = Path(path)
@@ -318,4 +332,10 @@ def save_artifact(path: str | Path, model: RouterDCModel) -> Path:
              knn_quality=model.knn_quality, group_w=model.prior.weight, group_b=model.prior.bias,
              group_mean_quality=model.prior.mean_quality, group_strength=model.prior.strength)
     faiss.write_index(model.index, str(d / "index.faiss"))
+    if model.encoder_top_layers:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.encoder_top_layers.items()}, str(d / ENCODER_TOP_FILE))
+    else:
+        (d / ENCODER_TOP_FILE).unlink(missing_ok=True)  # a stale one from an earlier artifact in this directory
     return d

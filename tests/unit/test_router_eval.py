@@ -139,3 +139,21 @@ def test_overflow_moves_a_request_off_a_full_expert_within_its_spill_threshold(s
     # t_spill no larger than the request's own t (its own t, or a cap of 0): it stays and waits.
     (d2,) = router.route_each(q, [0.0], overflow=Overflow(occupancy=occ, capacity=cap, t_spill=np.array([0.0])))
     assert d2.expert == d0.expert
+
+
+def test_encoder_finetuning_learns_and_its_blocks_load_into_the_encoder(small: dict) -> None:
+    from router_models.finetune import finetune_top_layers
+    from router_models.train import split_validation
+
+    data = concat([load_any(f) for f in small["train"]])
+    tr, va = split_validation(data, 0.1, 0)
+    correct = np.nan_to_num(data.correct(), nan=0.0)
+    enc = SentenceEncoder(quantize="int8")
+    ft = finetune_top_layers(enc, data.questions, correct, np.array(data.tasks), tr, va, n_layers=1, epochs=2,
+                             lr=2e-4, cfg=TrainConfig(), progress=False)
+    assert len(ft.loss_per_epoch) == len(ft.val_acc_per_epoch) == 2
+    assert ft.loss_per_epoch[1] < ft.loss_per_epoch[0], ft.loss_per_epoch  # the blocks learn
+    assert {k.split(".")[0] for k in ft.final_layers} == {"5"}  # MiniLM's top block of six
+    tuned = SentenceEncoder(quantize="int8", top_layers=ft.final_layers)
+    cos = (tuned.encode(data.questions[:32]) * enc.encode(data.questions[:32])).sum(1)
+    assert 0.5 < cos.mean() < 0.999, cos  # the trained blocks moved the embeddings, without breaking them

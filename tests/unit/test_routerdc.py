@@ -129,6 +129,12 @@ def test_int8_encoder_is_close_and_its_artifact_serves_only_with_int8(trained, t
     cos = (a * b).sum(axis=1)
     assert cos.mean() > 0.9, cos  # close to the float encoder ...
     assert cos.min() < 0.9999  # ... but really quantized (a different encoder, a different fingerprint)
+    # A text's int8 embedding does not depend on what it is batched with (training encodes thousands at once,
+    # the ingress one or a few): dynamic quantization would otherwise scale it with its neighbours.
+    alone = np.concatenate([q8.encode([q]) for q in test.questions[:8]])
+    np.testing.assert_allclose(q8.encode(test.questions[:8]), alone, atol=1e-6)
+    np.testing.assert_allclose(q8.encode(test.questions[:8][::-1])[::-1], alone, atol=1e-6)
+    assert not np.allclose(q8._forward(test.questions[:8]), alone, atol=1e-4)  # one padded pass would differ
     data = _dataset()
     model, _ = train_router(data, q8, prices=PRICES, fallback_expert="generalist",
                             cfg=TrainConfig(epochs=10, batch_size=32, n_clusters=3), progress=False,
@@ -143,3 +149,57 @@ def test_int8_encoder_is_close_and_its_artifact_serves_only_with_int8(trained, t
         RouterDCRouter(out, encoder=enc)  # the float encoder is not what it was trained with
     with pytest.raises(Exception, match="unknown encoder quantization"):
         SentenceEncoder(quantize="int4")  # type: ignore[arg-type]
+
+
+def test_finetuned_encoder_blocks_travel_with_the_artifact(trained, tmp_path: Path) -> None:  # noqa: ANN001
+    import torch
+    from safetensors.torch import save_file
+
+    from coe.encoder import transformer_layers
+    from coe.errors import ModelLoadError
+
+    test, _, _, enc = trained
+    # Stand-in for fine-tuned blocks: the top block's weights, perturbed.
+    gen = torch.Generator().manual_seed(0)
+    top = {f"5.{k}": v + 0.02 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+           for k, v in transformer_layers(enc.module)[5].state_dict().items()}
+    tuned = SentenceEncoder(top_layers=top)
+    a, b = enc.encode(test.questions[:10]), tuned.encode(test.questions[:10])
+    assert (a * b).sum(1).max() < 0.9999  # really a different encoder
+    model, _ = train_router(_dataset(), tuned, prices=PRICES, fallback_expert="generalist",
+                            cfg=TrainConfig(epochs=5, batch_size=32, n_clusters=3, finetune_layers=0), progress=False,
+                            cache_dir=tmp_path / "emb")
+    model.encoder_top_layers, model.params.encoder_finetuned_layers = top, 1
+    out = save_artifact(tmp_path / "art", model)
+    assert (out / "encoder_top.safetensors").exists()
+    router = RouterDCRouter(out)  # builds the packaged encoder with the artifact's blocks: fingerprint matches
+    np.testing.assert_allclose(router.encoder.encode(test.questions[:10]), b, atol=1e-5)
+    with pytest.raises(RouterArtifactError, match="fingerprint"):
+        RouterDCRouter(out, encoder=enc)  # the plain encoder is not the one it was trained with
+    # Re-saving a model without fine-tuned blocks into the same directory removes the stale file.
+    model.encoder_top_layers, model.params.encoder_finetuned_layers = {}, 0
+    save_artifact(out, model)
+    assert not (out / "encoder_top.safetensors").exists()
+    model.params.encoder_finetuned_layers = 1
+    (out / "config.json").write_text(json.dumps(model.params.to_json()))
+    with pytest.raises(RouterArtifactError, match="fine-tuned encoder blocks"):
+        RouterDCRouter(out)
+    save_file({"9.attention.self.query.weight": torch.zeros(1)}, str(out / "encoder_top.safetensors"))
+    with pytest.raises(ModelLoadError, match="block 9 does not exist"):
+        RouterDCRouter(out)
+
+
+def test_training_with_encoder_finetuning_keeps_the_better_encoder_and_serves_it(tmp_path: Path) -> None:
+    data = _dataset()
+    model, report = train_router(data, SentenceEncoder(quantize="int8"), prices=PRICES, fallback_expert="generalist",
+                                 cfg=TrainConfig(epochs=10, batch_size=32, n_clusters=3, finetune_layers=1,
+                                                 finetune_epochs=1, finetune_min_queries=0, finetune_lr=5e-4),
+                                 progress=False, cache_dir=tmp_path / "emb")
+    kept = report["finetune_kept"] == 1.0
+    assert kept == (report["finetune_val_router_acc_tuned"] > report["finetune_val_router_acc_frozen"])
+    assert report["val_router_acc"] == max(report["finetune_val_router_acc_tuned"],
+                                           report["finetune_val_router_acc_frozen"])
+    assert bool(model.encoder_top_layers) == kept and model.params.encoder_finetuned_layers == (1 if kept else 0)
+    out = save_artifact(tmp_path / "art", model)
+    router = RouterDCRouter(out)  # whichever encoder won, the artifact rebuilds it (the fingerprint checks)
+    assert router.route_batch(["Translate into French: the sun is warm"], threshold=0.0)[0].expert == "french"

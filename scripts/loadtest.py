@@ -359,6 +359,8 @@ def summarize(run: RunData, premium: str, prices: dict[str, float], slo_ms: floa
         "over_slo_pct": 100.0 * sum(1 for x in lat if x > slo_ms) / max(1, len(lat)),
         "premium_share_step": (sum(1 for o in ok_step if o.expert == premium) / len(ok_step)) if ok_step else math.nan,
         "t_max_seen": max((t for _, t, _ in run.t_samples), default=math.nan),
+        # The t requests were routed under (a capped run's controller still moves its own t, unused).
+        "t_applied_max": max((o.threshold for o in ok if not math.isnan(o.threshold)), default=math.nan),
         "t_end": run.t_samples[-1][1] if run.t_samples else math.nan,
         "t_back_after_step_s": back,
         "quality_debt": run.debt.get("total", 0.0), "debt_requests": run.debt.get("requests", 0),
@@ -536,14 +538,14 @@ def main() -> int:
           f"demand on it {args.low:g}x -> {args.high:g}x -> {args.low:g}x capacity; SLO p99 {args.slo_s:g} s; "
           f"{len(shots)} requests per run (failures count as infinite latency)")
     print("| run | ok / sent | errors | p50 ms | p99 ms | p99 in step ms | over SLO | "
-          f"step share to {premium} | max t | t back after step | quality debt (per request) | cost USD |")
+          f"step share to {premium} | max t: controller / applied | t back after step | quality debt (per request) | cost USD |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         back = "never" if s["t_back_after_step_s"] is None else f"{s['t_back_after_step_s']:.0f} s"
         errs = ", ".join(f"{k} {v}" for k, v in s["errors"].items()) or "0"
         print(f"| {s['run']} | {s['ok']} / {s['requests']} | {errs} | {fmt_ms(s['p50_ms'])} | {fmt_ms(s['p99_ms'])} | "
               f"{fmt_ms(s['p99_step_ms'])} | {s['over_slo_pct']:.1f}% | {s['premium_share_step']:.2f} | "
-              f"{s['t_max_seen']:.3f} | {back} | {s['quality_debt']:.2f} ({s['quality_debt_per_request']:.4f}) | "
+              f"{s['t_max_seen']:.3f} / {s['t_applied_max']:.3f} | {back} | {s['quality_debt']:.2f} ({s['quality_debt_per_request']:.4f}) | "
               f"{s['cost_usd']:.5f} |")
     by = {s["run"]: s for s in summary}
     if "fixed" in by and "adaptive" in by:

@@ -53,6 +53,7 @@ def test_summary_counts_failures_and_finds_the_return_of_t(lt: ModuleType) -> No
     outs = [lt.Outcome(s, sent=s.at, latency_ms=100.0 * (i + 1), status=200, expert="code" if i % 2 else "general",
                        threshold=0.0, tokens=10) for i, s in enumerate(shots)]
     outs[3].status, outs[3].error = 503, "overloaded_error"
+    outs[4].threshold, outs[3].threshold, outs[5].threshold = 0.15, 0.3, math.nan  # failed / no header: not counted
     run = lt.RunData(name="adaptive", outcomes=outs,
                      t_samples=[(1.0, 0.0, 0.0), (3.0, 0.2, 0.1), (6.5, 0.2, 0.0), (9.0, 0.0, 0.0)],
                      debt={"total": 0.5, "requests": 3})
@@ -61,6 +62,7 @@ def test_summary_counts_failures_and_finds_the_return_of_t(lt: ModuleType) -> No
     assert math.isinf(s["p99_ms"]) and math.isinf(s["p99_step_ms"])  # a failure is never within the SLO
     assert s["over_slo_pct"] == pytest.approx(60.0)  # 5 of 10 slower than 550 ms, plus the failure
     assert s["t_max_seen"] == 0.2 and s["t_back_after_step_s"] == pytest.approx(3.0)
+    assert s["t_applied_max"] == 0.15  # the t answered requests were routed under, not the controller's
     assert s["premium_share_step"] == pytest.approx(1 / 3)  # step: i=2,4,5 answered; 5 went to code
     rows = lt.per_second(run, ["code", "general"], 550.0)
     assert rows[3]["errors"] == 1 and rows[3]["t"] == 0.2

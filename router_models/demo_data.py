@@ -110,9 +110,9 @@ DEMO_SCORES = {
 # The generalist's score on a code query by the task's difficulty level (0 easy .. 2 hard): raising t moves
 # the easy programming tasks to the generalist first.
 CODE_GENERAL_BY_LEVEL = {0: 0.8, 1: 0.7, 2: 0.6}
-# Bump with any change above or in how the demo router is trained (3: int8 encoder); cpu-default's artifact
-# path carries it.
-DEMO_VERSION = 3
+# Bump with any change above or in how the demo router is trained (3: int8 encoder; 4: int8 encodes each text
+# alone); cpu-default's artifact path carries it.
+DEMO_VERSION = 4
 
 
 def _filled(templates: list[str], fill: dict[str, list[str]], rng: random.Random, n: int) -> list[str]:

@@ -62,8 +62,8 @@ class _TopBlocks:
                 for i, b in enumerate(self.blocks) for k, v in b.state_dict().items()}
 
 
-def _cache_hidden(encoder: SentenceEncoder, model: Any, texts: list[str], rows: np.ndarray, first: int,
-                  batch_size: int, progress: bool) -> list[tuple[np.ndarray, Any, Any]]:
+def _cache_hidden(encoder: SentenceEncoder, texts: list[str], rows: np.ndarray, first: int, batch_size: int,
+                  progress: bool) -> list[tuple[np.ndarray, Any, Any]]:
     """(rows, hidden state entering block `first` as float16, attention mask) per length-sorted batch.
 
     Batched for speed: with int8 lower blocks these states differ slightly from each text's alone (see
@@ -71,11 +71,12 @@ def _cache_hidden(encoder: SentenceEncoder, model: Any, texts: list[str], rows: 
     """
     import torch
 
+    model = encoder.module
     tok = model.tokenizer
     lens = np.array([len(tok(texts[i], truncation=True, max_length=model.max_seq_length)["input_ids"])
                      for i in rows])
     order = rows[np.argsort(lens, kind="stable")]
-    auto = encoder.module[0].auto_model
+    auto = model[0].auto_model
     out = []
     with torch.inference_mode():
         for i in tqdm(range(0, len(order), batch_size), desc="caching encoder states", disable=not progress,
@@ -104,8 +105,8 @@ def finetune_top_layers(encoder: SentenceEncoder, texts: list[str], correct: np.
     torch.manual_seed(cfg.seed)
     float_model = SentenceEncoder(encoder.name, quantize="none").module
     top = _TopBlocks(float_model, n_layers)
-    cache = _cache_hidden(encoder, encoder.module, texts, np.asarray(tr), top.first, batch_size, progress)
-    val_cache = _cache_hidden(encoder, encoder.module, texts, np.asarray(va), top.first, batch_size, False)
+    cache = _cache_hidden(encoder, texts, np.asarray(tr), top.first, batch_size, progress)
+    val_cache = _cache_hidden(encoder, texts, np.asarray(va), top.first, batch_size, False)
 
     def embed(batches: list[tuple[np.ndarray, Any, Any]]) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():

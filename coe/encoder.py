@@ -122,7 +122,7 @@ class SentenceEncoder:
         whatever the batch, and on 2 cores it is no slower (no padding).
         """
         if self.quantize == "int8" and len(texts) > 1:
-            return np.concatenate([self._forward([t]) for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+            return np.concatenate([self._forward([t]) for t in texts])
         if len(texts) <= batch_size:
             return self._forward(texts)
         out = self._model.encode(

@@ -142,8 +142,7 @@ def finetune_top_layers(encoder: SentenceEncoder, texts: list[str], correct: np.
         return task_mean_accuracy(correct[rows], chosen, tasks[rows])
 
     frozen = val_acc()
-    for b in top.blocks:
-        b.train()
+    top.blocks.train()
     opt = torch.optim.AdamW([{"params": top.blocks.parameters(), "lr": lr}, {"params": [e], "lr": 1e-3}],
                             weight_decay=0.01)
     steps = max(1, epochs * len(cache))
@@ -167,11 +166,9 @@ def finetune_top_layers(encoder: SentenceEncoder, texts: list[str], correct: np.
             sched.step()
             total += float(loss.detach())
         losses.append(total / len(cache))
-        for b in top.blocks:
-            b.eval()
+        top.blocks.eval()
         per_epoch.append(val_acc())
-        for b in top.blocks:
-            b.train()
+        top.blocks.train()
         bar.set_postfix(loss=f"{losses[-1]:.3f}", val_acc=f"{per_epoch[-1]:.2f}", frozen=f"{frozen:.2f}")
     logger.info("encoder fine-tuning: validation routing accuracy by cosine %.2f frozen, per epoch %s",
                 frozen, [round(x, 2) for x in per_epoch])

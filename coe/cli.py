@@ -51,7 +51,7 @@ def ensure_router_artifact(config: CoeConfig, *, demo_ok: bool) -> None:
     experts = [e.name for e in config.experts]
     data = RoutingData(name="demo", questions=[str(r["question"]) for r in rows], experts=experts,
                        scores=np.array([[r["scores"].get(x, 0.0) for x in experts] for r in rows]))  # type: ignore[union-attr]
-    model, _ = train_router(data, SentenceEncoder(quantize="int8"),
+    model, _ = train_router(data, SentenceEncoder(quantize="onnx-int8"),
                             prices={e.name: e.price_per_1k_tokens for e in config.experts},
                             fallback_expert=rc.fallback_expert, progress=False)
     save_artifact(path, model)

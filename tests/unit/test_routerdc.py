@@ -122,12 +122,45 @@ def test_mismatched_or_corrupt_artifact_is_refused(trained, tmp_path: Path) -> N
         RouterDCRouter(tmp_path / "missing", encoder=enc)
 
 
-def test_int8_encoder_is_close_and_its_artifact_serves_only_with_int8(trained, tmp_path: Path) -> None:  # noqa: ANN001
+def test_encoder_check_goes_by_probe_embeddings_not_their_rounded_hash(trained, tmp_path: Path) -> None:  # noqa: ANN001
+    import shutil
+
+    test, router, out, enc = trained
+    art = tmp_path / "art"
+    shutil.copytree(out, art)
+    cfg = json.loads((art / "config.json").read_text())
+    cfg["encoder_fingerprint"] = "0000000000000000"  # as if another CPU rounded one probe value the other way
+    (art / "config.json").write_text(json.dumps(cfg))
+    again = RouterDCRouter(art, encoder=enc)  # the probe embeddings agree: it serves
+    assert [d.expert for d in again.route_batch(test.questions[:5])] == \
+        [d.expert for d in router.route_batch(test.questions[:5])]
+    arrays = dict(np.load(art / "weights.npz"))
+    probe = arrays["encoder_probe"]
+    assert probe.shape == (4, enc.dim)
+    # A slightly different encoder (cosine ~0.999 on a probe: far more than any CPU difference) is refused.
+    noise = np.random.default_rng(0).normal(size=probe.shape).astype(np.float32)
+    bent = probe + 0.04 * noise / np.linalg.norm(noise, axis=1, keepdims=True)
+    arrays["encoder_probe"] = bent / np.linalg.norm(bent, axis=1, keepdims=True)
+    np.savez(art / "weights.npz", **arrays)
+    with pytest.raises(RouterArtifactError, match=r"fingerprint .* \(probe cosine 0\.99"):
+        RouterDCRouter(art, encoder=enc)
+    # An artifact without probe embeddings (written before they were stored) is checked by the hash.
+    del arrays["encoder_probe"]
+    np.savez(art / "weights.npz", **arrays)
+    with pytest.raises(RouterArtifactError, match="fingerprint"):
+        RouterDCRouter(art, encoder=enc)
+    shutil.copy(out / "config.json", art / "config.json")
+    assert RouterDCRouter(art, encoder=enc).route_batch(test.questions[:1])[0].expert in EXPERTS
+
+
+@pytest.mark.parametrize(("quantize", "min_mean_cos"), [("int8", 0.9), ("onnx-int8", 0.97)])
+def test_int8_encoder_is_close_and_its_artifact_serves_only_with_it(trained, tmp_path: Path, quantize: str,  # noqa: ANN001
+                                                                    min_mean_cos: float) -> None:
     test, _, _, enc = trained
-    q8 = SentenceEncoder(quantize="int8")
+    q8 = SentenceEncoder(quantize=quantize)  # type: ignore[arg-type]
     a, b = enc.encode(test.questions[:20]), q8.encode(test.questions[:20])
     cos = (a * b).sum(axis=1)
-    assert cos.mean() > 0.9, cos  # close to the float encoder ...
+    assert cos.mean() > min_mean_cos, cos  # close to the float encoder ...
     assert cos.min() < 0.9999  # ... but really quantized (a different encoder, a different fingerprint)
     # A text's int8 embedding does not depend on what it is batched with (training encodes thousands at once,
     # the ingress one or a few): dynamic quantization would otherwise scale it with its neighbours.
@@ -140,15 +173,44 @@ def test_int8_encoder_is_close_and_its_artifact_serves_only_with_int8(trained, t
                             cfg=TrainConfig(epochs=10, batch_size=32, n_clusters=3), progress=False,
                             cache_dir=tmp_path / "emb")
     out = save_artifact(tmp_path / "art8", model)
-    assert json.loads((out / "config.json").read_text())["encoder_quantization"] == "int8"
+    assert json.loads((out / "config.json").read_text())["encoder_quantization"] == quantize
     # Loaded without an encoder, it builds the int8 one it was trained with: same fingerprint, it serves.
     router = RouterDCRouter(out)
-    assert router.encoder.quantize == "int8"
+    assert router.encoder.quantize == quantize
     assert router.route_batch(["Translate into French: the sun is warm"], threshold=0.0)[0].expert == "french"
     with pytest.raises(RouterArtifactError, match="fingerprint"):
         RouterDCRouter(out, encoder=enc)  # the float encoder is not what it was trained with
     with pytest.raises(Exception, match="unknown encoder quantization"):
         SentenceEncoder(quantize="int4")  # type: ignore[arg-type]
+
+
+def test_onnx_encoder_is_exported_once_per_weights_and_a_corrupt_export_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from coe.encoder import transformer_layers
+    from coe.errors import ModelLoadError
+
+    monkeypatch.setenv("COE_CACHE_DIR", str(tmp_path))
+    texts = ["How do I sort a list in Python?", "Translate into French: the cat sleeps"]
+    first = SentenceEncoder(quantize="onnx-int8")
+    files = list((tmp_path / "onnx").glob("*.onnx"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    again = SentenceEncoder(quantize="onnx-int8")  # a second replica reuses the export
+    assert list((tmp_path / "onnx").glob("*.onnx")) == files and files[0].stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(first.encode(texts), again.encode(texts))
+    # Other weights (a fine-tuned top block) are another model: another export, other embeddings.
+    block = {f"5.{k}": v + 0.05 * torch.randn_like(v) if v.dtype.is_floating_point else v
+             for k, v in transformer_layers(first.module)[5].state_dict().items()}
+    tuned = SentenceEncoder(quantize="onnx-int8", top_layers=block)
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 2
+    assert (tuned.encode(texts) * first.encode(texts)).sum(1).min() < 0.999
+    files[0].write_bytes(b"not an onnx model")
+    with pytest.raises(ModelLoadError, match="could not load the ONNX encoder"):
+        SentenceEncoder(quantize="onnx-int8")
+    assert not files[0].exists()  # removed: the next start exports it again
+    assert SentenceEncoder(quantize="onnx-int8").encode(texts).shape == (2, 384)
 
 
 def test_finetuned_encoder_blocks_travel_with_the_artifact(trained, tmp_path: Path) -> None:  # noqa: ANN001

@@ -41,16 +41,19 @@ def quantize_int8(module: Any) -> Any:
         return quantize_dynamic(module, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
-def onnx_cache_dir() -> Path:
-    """Where exported ONNX encoders are kept (COE_CACHE_DIR, else ~/.cache/coe; a temp dir if unwritable)."""
+def onnx_cache_dirs() -> list[Path]:
+    """Where exported ONNX encoders are looked up, in order: COE_CACHE_DIR (else ~/.cache/coe)/onnx, then a
+    temporary directory. Exports are written to the first writable one (an image's cache may be read-only)."""
     root = Path(os.environ.get("COE_CACHE_DIR") or Path.home() / ".cache" / "coe") / "onnx"
+    return [root, Path(tempfile.gettempdir()) / "coe-onnx"]
+
+
+def _writable(d: Path) -> bool:
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        return root
+        d.mkdir(parents=True, exist_ok=True)
     except OSError:
-        fallback = Path(tempfile.gettempdir()) / "coe-onnx"
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
+        return False
+    return os.access(d, os.W_OK)
 
 
 def _weights_digest(model: Any) -> str:
@@ -76,9 +79,14 @@ def export_onnx_int8(model: Any, example: Mapping[str, Any]) -> Path:
 
     key = hashlib.sha256(f"{_weights_digest(model)}|{torch.__version__}|{onnxruntime.__version__}|"
                          f"{ONNX_OPSET}|{sorted(example)}".encode()).hexdigest()[:24]
-    out = onnx_cache_dir() / f"{key}-int8.onnx"
-    if out.exists():
-        return out
+    dirs = onnx_cache_dirs()
+    for d in dirs:
+        if (d / f"{key}-int8.onnx").exists():
+            return d / f"{key}-int8.onnx"
+    target = next((d for d in dirs if _writable(d)), None)
+    if target is None:
+        raise ModelLoadError(f"no writable directory for the ONNX encoder (tried {', '.join(map(str, dirs))})")
+    out = target / f"{key}-int8.onnx"
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     names = list(example)
@@ -208,7 +216,10 @@ class SentenceEncoder:
         try:
             session = onnxruntime.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - a corrupt cache file: export again
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
             raise ModelLoadError(f"could not load the ONNX encoder {path}: {err}; it was removed, retry") from err
         self._onnx_inputs = [i.name for i in session.get_inputs()]
         return session

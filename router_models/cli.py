@@ -1,4 +1,4 @@
-"""`coe router train | route | eval`."""
+"""`coe router train | route | signal | eval | demo-data`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from coe.encoder import QUANTIZATIONS, SentenceEncoder
 from coe.routerdc import RouterDCRouter, save_artifact
@@ -121,8 +122,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     report = evaluate(args.router, args.data, latency_queries=args.latency_queries)
     print_report(report)
+    return _write_outputs(args, report, lambda out: plot_report(report, out, title=f"router {args.router}"))
+
+
+def _write_outputs(args: argparse.Namespace, report: Any, plot: Callable[[str], Path]) -> int:
+    """--plot PNG and --json FILE of an eval or signal report."""
     if args.plot:
-        print(f"plot written to {plot_report(report, args.plot, title=f'router {args.router}')}")
+        print(f"plot written to {plot(args.plot)}")
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
     return 0
@@ -138,11 +144,7 @@ def cmd_signal(args: argparse.Namespace) -> int:
     emb = cached_encode(SentenceEncoder(args.encoder, quantize=args.encoder_quantization), data.questions)
     report = within_group_signal(emb, data.correct(), list(data.tasks), repeats=args.repeats)
     print_signal(report)
-    if args.plot:
-        print(f"plot written to {plot_signal(report, args.plot)}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
-    return 0
+    return _write_outputs(args, report, lambda out: plot_signal(report, out))
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:

@@ -127,6 +127,8 @@ def plot_signal(report: SignalReport, out: str | Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from router_models.evaluate import save_figure
+
     names = report.groups + ["task mean"]
     methods = report.methods[1:]
     fig, ax = plt.subplots(figsize=(12, 5))
@@ -140,9 +142,4 @@ def plot_signal(report: SignalReport, out: str | Path, title: str = "") -> Path:
     ax.set_ylabel("CV accuracy gain over the task's best expert (points, ±2 SE)")
     ax.set_title(title or "within-task routing signal (training files, repeated K-fold CV)")
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out)

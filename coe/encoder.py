@@ -41,11 +41,15 @@ def quantize_int8(module: Any) -> Any:
         return quantize_dynamic(module, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
 
 
+def cache_root() -> Path:
+    """coe's cache for derived files (encoder exports, query embeddings): $COE_CACHE_DIR, else ~/.cache/coe."""
+    return Path(os.environ.get("COE_CACHE_DIR") or Path.home() / ".cache" / "coe")
+
+
 def onnx_cache_dirs() -> list[Path]:
-    """Where exported ONNX encoders are looked up, in order: COE_CACHE_DIR (else ~/.cache/coe)/onnx, then a
-    temporary directory. Exports are written to the first writable one (an image's cache may be read-only)."""
-    root = Path(os.environ.get("COE_CACHE_DIR") or Path.home() / ".cache" / "coe") / "onnx"
-    return [root, Path(tempfile.gettempdir()) / "coe-onnx"]
+    """Where exported ONNX encoders are looked up, in order: cache_root()/onnx, then a temporary directory.
+    Exports are written to the first writable one (an image's cache may be read-only)."""
+    return [cache_root() / "onnx", Path(tempfile.gettempdir()) / "coe-onnx"]
 
 
 def _writable(d: Path) -> bool:

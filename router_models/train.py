@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from coe.encoder import SentenceEncoder
+from coe.encoder import SentenceEncoder, cache_root
 from coe.errors import ModelLoadError
 from coe.routerdc import (GroupPrior, RouterDCModel, RouterDCParams, decide_arrays, encoder_fingerprint, encoder_probe,
                           softmax)
@@ -59,7 +59,7 @@ class TrainConfig:
 def cached_encode(encoder: SentenceEncoder, texts: list[str], cache_dir: Path | None = None,
                   progress: bool = True) -> np.ndarray:
     """Encode once; later runs read the embeddings from the cache (keyed by encoder and texts)."""
-    cache_dir = cache_dir or Path.home() / ".cache" / "coe" / "embeddings"
+    cache_dir = cache_dir or cache_root() / "embeddings"
     key = hashlib.sha256(("\x00".join(texts) + encoder_fingerprint(encoder)).encode()).hexdigest()[:24]
     f = cache_dir / f"{key}.npy"
     if f.exists():

@@ -320,6 +320,14 @@ def plot_report(report: EvalReport, out: str | Path, title: str = "") -> Path:
     return save_figure(fig, out)
 
 
+def wide_console(min_width: int = 150) -> Any:
+    """A rich Console at least `min_width` columns wide: a pipe or CI log (80 columns by default) would
+    otherwise truncate the tables' method names to "rand…"."""
+    from rich.console import Console
+
+    return Console(width=max(Console().width, min_width))
+
+
 def save_figure(fig: Any, out: str | Path) -> Path:
     """Lay out, write as PNG (creating the folder) and close a matplotlib figure."""
     import matplotlib.pyplot as plt
@@ -334,10 +342,9 @@ def save_figure(fig: Any, out: str | Path) -> Path:
 
 def print_report(report: EvalReport) -> None:
     """Rich tables: accuracy per file and method, the t sweep, the cost summary and latency."""
-    from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    con = wide_console()
     t = Table(title="accuracy (RouterDC paper rule, %), t = 0")
     t.add_column("file")
     t.add_column("n", justify="right")

@@ -103,8 +103,9 @@ def within_group_signal(emb: np.ndarray, correct: np.ndarray, groups: list[str],
 
 
 def print_signal(report: SignalReport) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from router_models.evaluate import wide_console
 
     table = Table(title="within-task routing signal: CV gain over the task's best expert (points ± SE)")
     table.add_column("method")
@@ -116,8 +117,7 @@ def print_signal(report: SignalReport) -> None:
     for m in report.methods[1:]:
         cells = [f"{x:+.2f} ± {s:.2f}" for x, s in zip(report.gain[m], report.gain_se[m])]
         table.add_row(m, *cells, f"{report.average_gain[m]:+.2f} ± {report.average_gain_se[m]:.2f}")
-    console = Console()
-    Console(width=max(console.width, 150)).print(table)
+    wide_console().print(table)
 
 
 def plot_signal(report: SignalReport, out: str | Path, title: str = "") -> Path:

@@ -17,7 +17,7 @@ from coe.encoder import SentenceEncoder
 from coe.routerdc import RouterDCRouter, save_artifact
 from router_models.cli import add_router_parser  # noqa: F401 - the CLI module imports cleanly
 from router_models.data import concat, load_any
-from router_models.evaluate import apgr, cpt, evaluate, hull_auc, plot_report
+from router_models.evaluate import apgr, cpt, evaluate, hull_auc, plot_report, print_report
 from router_models.train import TrainConfig, train_router
 
 SHARED = Path(os.environ.get("COE_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
@@ -65,7 +65,8 @@ def test_trained_router_beats_random_and_best_single_on_real_data(small: dict) -
     assert [f.name for f in rep.files] == ["mmlu", "gsm8k", "cmmlu", "arc_challenge", "humaneval"]
 
 
-def test_eval_sweep_is_monotone_in_cost_and_plots(small: dict, tmp_path: Path) -> None:
+def test_eval_sweep_is_monotone_in_cost_and_plots(small: dict, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     rep = evaluate(small["artifact"], small["test"], latency_queries=20, progress=False)
     costs = [p.cost for p in rep.sweep]
     assert all(b <= a + 1e-9 for a, b in zip(costs, costs[1:])), "a higher t must never cost more"
@@ -77,6 +78,9 @@ def test_eval_sweep_is_monotone_in_cost_and_plots(small: dict, tmp_path: Path) -
     assert lat["route_p50_ms"] > 0 and lat["encoder_p50_ms"] > 0 and lat["route_batch_qps"] > 0
     png = plot_report(rep, tmp_path / "eval.png")
     assert png.stat().st_size > 10_000
+    print_report(rep)  # captured output is not a terminal: the table must still name every method in full
+    printed = capsys.readouterr().out
+    assert all(m in printed for m in rep.methods), printed
 
 
 def test_cost_metrics_on_known_curves() -> None:

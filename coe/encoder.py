@@ -158,8 +158,8 @@ class SentenceEncoder:
     `quantize="int8"` quantizes its Linear layers dynamically in torch (about 2x faster on CPU);
     `quantize="onnx-int8"` exports the model to ONNX and runs it int8-quantized in ONNX Runtime (faster
     still, and closer to the float embeddings: cosine 0.993 on average against torch int8's 0.973). A
-    router must be trained with the same setting it serves with (its artifact records it, and the
-    fingerprint checks it).
+    router must be trained with the same setting it serves with (its artifact records it, and loading
+    compares the serving encoder's probe embeddings with the training encoder's).
     `top_layers` replaces the weights of the top transformer blocks (a router's fine-tuned encoder layers,
     see `load_top_layers`) before any quantization.
     """
@@ -242,8 +242,8 @@ class SentenceEncoder:
 
         An int8 encoder (either backend) encodes each text on its own: dynamic quantization scales activations
         per forward pass, so in a padded batch a text's embedding depended on its neighbours (torch int8: cosine
-        0.976 on average, 0.953 at worst, against the same text alone). Alone, training and serving see identical embeddings
-        whatever the batch, and on 2 cores it is no slower (no padding).
+        0.976 on average, 0.953 at worst, against the same text alone). Alone, training and serving see identical
+        embeddings whatever the batch, and on 2 cores it is no slower (no padding).
         """
         if self.quantize != "none" and len(texts) > 1:
             return np.concatenate([self._forward([t]) for t in texts])

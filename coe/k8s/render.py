@@ -2,14 +2,17 @@
 
 The tree is a kustomize base plus one overlay per deployment profile::
 
-    base/                      Redis (GCS fault tolerance + coe state) and the Prometheus PodMonitors
-    overlays/<profile>/        the RayService (serveConfigV2 = the `build_app` args of `coe serve`),
-                               its Ingress, and (profile `cpu-demo`) demo Secrets
+    base/                      the two Redis instances (GCS fault tolerance; coe's state) and the PodMonitors
+    overlays/<profile>/        the RayService (serveConfigV2 = the `build_app` args of `coe serve`), its
+                               Ingress, NetworkPolicies and PodDisruptionBudgets
 
 The RayService's ``serveConfigV2`` carries the config itself (``args.config_inline``, the validated config
 serialised by the model), so no second copy of the expert list exists: edit the coe config, re-render.
 Worker groups are sized from the config's per-replica resources and replica bounds; options that are not in
 the coe config (images, pod sizes, namespace) come from a strict :class:`ClusterOptions` profile.
+
+No credential is ever rendered: the manifests reference Secrets that are created out of band
+(:func:`generated_secrets`, ``coe k8s secrets``) and are declared external on the RayService.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from coe import __version__
 from coe.config import CoeConfig, StrictModel, load_config
@@ -41,11 +46,37 @@ ANN_PROFILE = "coe.dev/profile"
 ANN_EXTERNAL_SECRETS = "coe.dev/external-secrets"
 LABEL_APP = "coe.dev/app"
 
-REDIS_SECRET, REDIS_SECRET_KEY = "coe-redis", "password"
-API_KEYS_SECRET, API_KEYS_SECRET_KEY = "coe-api-keys", "keys"
+# Secrets (never rendered with values: `coe k8s secrets` prints them with fresh random values).
+REDIS_SECRET, REDIS_SECRET_KEY = "coe-redis", "password"  # the GCS fault-tolerance Redis
+STATE_REDIS_SECRET, STATE_REDIS_SECRET_KEY = "coe-state-redis", "password"  # coe's state Redis
+ADMIN_KEY_SECRET, ADMIN_KEY_SECRET_KEY = "coe-admin-key", "admin-key"
 HF_TOKEN_SECRET, HF_TOKEN_SECRET_KEY = "coe-hf-token", "token"
-REDIS_NAME, REDIS_PORT = "coe-redis", 6379
-GCS_REDIS_DB = 0  # Ray's GCS does not select a database: it always uses DB 0 (keys namespaced per cluster)
+ADMIN_KEY_DIR = "/etc/coe/secrets"
+ADMIN_KEY_FILE = f"{ADMIN_KEY_DIR}/{ADMIN_KEY_SECRET_KEY}"
+
+REDIS_NAME, REDIS_PORT = "coe-redis", 6379  # GCS fault tolerance only (noeviction: GCS must never lose a key)
+STATE_REDIS_NAME = "coe-state-redis"  # coe's keys, usage counters and rate-limit buckets
+REDIS_IMAGE = "redis:7.4-alpine"
+REDIS_UID, REDIS_GID = 999, 1000  # the redis user of the official image (alpine variant)
+# coe's keys that must survive (team API keys, the threshold) carry no TTL; usage counters, spend counters and
+# rate-limit buckets carry TTLs. volatile-ttl evicts only keys with a TTL, the nearest to expiry first (the
+# two-minute rate-limit buckets before month-long usage counters); keys without a TTL are never evicted.
+STATE_REDIS_MAXMEMORY, STATE_REDIS_POLICY = "768mb", "volatile-ttl"
+GCS_REDIS_MAXMEMORY, GCS_REDIS_POLICY = "768mb", "noeviction"
+
+# The Ray images (rayproject/ray) run as the user `ray`: uid 1000, gid 100 (users). runAsNonRoot needs the
+# numeric uid: the image names its user, which the kubelet cannot check.
+RAY_UID, RAY_GID = 1000, 100
+RAY_HOME = "/home/ray"
+# Writable paths under readOnlyRootFilesystem (emptyDirs). coe's image cache ~/.cache/coe (COE_CACHE_DIR: the
+# router artifact and the ONNX export built into the image) stays read-only and is never mounted over; a new
+# ONNX export falls back to /tmp/coe-onnx.
+CACHE_DIR = "/var/cache/coe"  # writable: assembled models, Hugging Face, XDG caches (torch, vLLM, Triton)
+COE_CACHE_DIR = f"{RAY_HOME}/.cache/coe"
+DASHBOARD_PORT, CLIENT_PORT, GCS_PORT = 8265, 10001, 6379
+AS_METRICS_PORT, DASH_METRICS_PORT = 44217, 44227
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+PROD_PROFILES = ("gpu-prod",)
 
 AUTOSCALER_CPU, AUTOSCALER_MEMORY = "500m", "512Mi"  # the autoscaler sidecar in the head pod
 SERVE_PORT_NAME = "serve"
@@ -97,6 +128,17 @@ class GpuGroupOptions(StrictModel):
     )
 
 
+def _check_digest(v: str | None) -> str | None:
+    if v is not None and not DIGEST_RE.match(v):
+        raise ValueError("must be 'sha256:' followed by 64 lowercase hex digits (docker buildx imagetools inspect "
+                         "IMAGE shows it)")
+    return v
+
+
+def _ns_selector(name: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": name}
+
+
 class ClusterOptions(StrictModel):
     """Everything about the cluster that is not in the coe config. Profiles are presets of it."""
 
@@ -104,6 +146,10 @@ class ClusterOptions(StrictModel):
     namespace: str = "coe"
     image: str = Field(f"ghcr.io/coe-project/coe:{__version__}-cpu", description="Head + CPU workers.")
     gpu_image: str = Field(f"ghcr.io/coe-project/coe:{__version__}-gpu", description="GPU workers (vLLM).")
+    image_digest: str | None = Field(None, description="sha256:<64 hex> of `image`: renders image@sha256:...")
+    gpu_image_digest: str | None = Field(None, description="sha256:<64 hex> of `gpu_image`.")
+    redis_image: str = REDIS_IMAGE
+    redis_image_digest: str | None = Field(None, description="sha256:<64 hex> of `redis_image` (both Redis).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     head: HeadOptions = Field(default_factory=HeadOptions)
     cpu_group: CpuGroupOptions = Field(default_factory=CpuGroupOptions)
@@ -111,17 +157,54 @@ class ClusterOptions(StrictModel):
     cpu_node_selector: dict[str, str] = Field(default_factory=dict)
     autoscaler_idle_timeout_s: int = Field(60, ge=0)
     upgrade_strategy: Literal["NewCluster", "None"] = "NewCluster"
-    secrets: Literal["inline", "external"] = Field(
-        "inline", description="inline: render demo Secrets; external: expect them created beforehand."
-    )
-    redis_host: str = REDIS_NAME
+    redis_host: str = Field(REDIS_NAME, description="The GCS fault-tolerance Redis.")
     redis_port: int = REDIS_PORT
-    coe_redis_db: int = Field(1, ge=1, le=15, description="coe's state DB; GCS fault tolerance uses DB 0.")
+    state_redis_host: str = Field(STATE_REDIS_NAME, description="coe's state Redis (COE_REDIS_URL); never the "
+                                                                "GCS Redis.")
+    state_redis_port: int = REDIS_PORT
+    state_redis_db: int = Field(0, ge=0, le=15)
+    ingress_namespace_selector: dict[str, str] = Field(
+        default_factory=lambda: _ns_selector("ingress-nginx"),
+        description="Namespace labels of the Ingress controller: the only clients of the Serve port.")
+    operator_namespace_selector: dict[str, str] = Field(
+        default_factory=lambda: _ns_selector("kuberay-system"),
+        description="Namespace labels of the KubeRay operator (it calls the head's dashboard port).")
+    monitoring_namespace_selector: dict[str, str] | None = Field(
+        default_factory=lambda: _ns_selector("monitoring"),
+        description="Namespace labels of Prometheus (scrapes the metrics ports); null: no scraping allowed.")
+    tmp_gib: int = Field(4, ge=1, description="emptyDir at /tmp of every Ray container.")
+    ray_tmp_gib: int = Field(10, ge=1, description="emptyDir at /tmp/ray (Ray's sessions, logs, spilled objects).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_encoding: Literal["TEXT", "JSON"] = "TEXT"
     readiness_path: Literal["/health", "/ready"] = "/health"
     ingress_class: str | None = None
     ingress_host: str | None = None
+
+    @field_validator("image_digest", "gpu_image_digest", "redis_image_digest")
+    @classmethod
+    def _digest(cls, v: str | None) -> str | None:
+        return _check_digest(v)
+
+    @model_validator(mode="after")
+    def _apart(self) -> ClusterOptions:
+        if self.state_redis_host == self.redis_host:
+            raise ValueError(f"state_redis_host must not be the GCS Redis ({self.redis_host}): coe's counters "
+                             "filling that Redis would stop GCS writes")
+        for k in ("image", "gpu_image", "redis_image"):
+            if "@" in getattr(self, k):
+                raise ValueError(f"{k}: give the digest in {k}_digest, not in the image reference")
+        return self
+
+    def image_ref(self, gpu: bool = False) -> str:
+        """The image as rendered: pinned by digest when the options give one."""
+        return _pin(self.gpu_image if gpu else self.image, self.gpu_image_digest if gpu else self.image_digest)
+
+    def redis_image_ref(self) -> str:
+        return _pin(self.redis_image, self.redis_image_digest)
+
+
+def _pin(image: str, digest: str | None) -> str:
+    return f"{image}@{digest}" if digest else image
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -131,7 +214,6 @@ PROFILES: dict[str, dict[str, Any]] = {
         "head": {"cpu": 1, "memory_gib": 4},
         "cpu_group": {"cpu": 2, "memory_gib": 6, "min_pods": 1, "extra_max_pods": 1, "reserve_cpus": 0.25},
         "autoscaler_idle_timeout_s": 60,
-        "secrets": "inline",
         "log_encoding": "TEXT",
     },
     # Production on GPU nodes (NVIDIA GPU operator): HA ingress on 2+ CPU pods, one GPU group per GPU shape.
@@ -143,7 +225,6 @@ PROFILES: dict[str, dict[str, Any]] = {
             "model_cache_gib": 20,
         },
         "autoscaler_idle_timeout_s": 300,
-        "secrets": "external",
         "log_encoding": "JSON",
     },
 }
@@ -167,7 +248,8 @@ def cluster_options(profile: str, overrides: dict[str, Any] | None = None) -> Cl
         lines = [f"invalid cluster options (profile {profile}):"]
         for e in err.errors():
             loc = ".".join(str(x) for x in e["loc"])
-            lines.append(f"  {loc}: " + (f"unknown key '{e['loc'][-1]}'" if e["type"] == "extra_forbidden" else e["msg"]))
+            msg = f"unknown key '{e['loc'][-1]}'" if e["type"] == "extra_forbidden" else e["msg"]
+            lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
         raise ConfigError("\n".join(lines)) from None
 
 
@@ -360,47 +442,102 @@ def _secret_env(name: str, secret: str, key: str, *, optional: bool = False) -> 
     return {"name": name, "valueFrom": {"secretKeyRef": ref}}
 
 
-def _worker_env(options: ClusterOptions, *, gpu: bool) -> list[dict[str, Any]]:
-    env = [
-        _secret_env("COE_REDIS_PASSWORD", REDIS_SECRET, REDIS_SECRET_KEY),
-        # $(VAR) is expanded by the kubelet from the entry above; the password must be URL-safe.
-        {"name": "COE_REDIS_URL",
-         "value": f"redis://:$(COE_REDIS_PASSWORD)@{options.redis_host}:{options.redis_port}/{options.coe_redis_db}"},
-        _secret_env("COE_API_KEYS", API_KEYS_SECRET, API_KEYS_SECRET_KEY),
+def _pod_security(uid: int, gid: int) -> dict[str, Any]:
+    """Pod-level hardening: a numeric non-root user (the kubelet cannot check a named USER), RuntimeDefault seccomp."""
+    return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid, "fsGroup": gid,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security() -> dict[str, Any]:
+    """Container-level hardening: no privilege escalation, no capabilities, a read-only root filesystem."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "privileged": False,
+            "readOnlyRootFilesystem": True, "runAsNonRoot": True}
+
+
+def _empty_dir(name: str, gib: int) -> dict[str, Any]:
+    return {"name": name, "emptyDir": {"sizeLimit": f"{gib}Gi"}}
+
+
+def _tmp_mounts() -> list[dict[str, Any]]:
+    """Ray's writable paths (the root filesystem is read-only): /tmp and its sessions, logs and spill /tmp/ray.
+    The volume at /tmp/ray is named like KubeRay's own `ray-logs`, so KubeRay adds no second one."""
+    return [{"name": "tmp", "mountPath": "/tmp"}, {"name": "ray-logs", "mountPath": "/tmp/ray"}]
+
+
+def _tmp_volumes(options: ClusterOptions) -> list[dict[str, Any]]:
+    return [_empty_dir("tmp", options.tmp_gib), _empty_dir("ray-logs", options.ray_tmp_gib)]
+
+
+def _admin_key_volume() -> dict[str, Any]:
+    return {"name": "admin-key", "secret": {"secretName": ADMIN_KEY_SECRET, "defaultMode": 0o440,
+                                            "items": [{"key": ADMIN_KEY_SECRET_KEY, "path": ADMIN_KEY_SECRET_KEY}]}}
+
+
+def _ray_env(options: ClusterOptions, *, gpu: bool = False, state: bool = True) -> list[dict[str, Any]]:
+    """Environment of a Ray container: the admin key file (any pod with spare CPU may host the ingress, so every
+    Ray pod has it), coe's state Redis, and caches redirected to the writable /var/cache/coe."""
+    env: list[dict[str, Any]] = [{"name": "COE_ADMIN_KEY_FILE", "value": ADMIN_KEY_FILE}]
+    if state:
+        env += [
+            _secret_env("COE_STATE_REDIS_PASSWORD", STATE_REDIS_SECRET, STATE_REDIS_SECRET_KEY),
+            # $(VAR) is expanded by the kubelet from the entry above; the password is hex (URL-safe).
+            {"name": "COE_REDIS_URL", "value": f"redis://:$(COE_STATE_REDIS_PASSWORD)@{options.state_redis_host}:"
+                                               f"{options.state_redis_port}/{options.state_redis_db}"},
+        ]
+    env += [
         {"name": "COE_LOG_LEVEL", "value": options.log_level},
-        {"name": "COE_MODEL_CACHE_DIR", "value": "/home/ray/.cache/coe"},
+        # The image's read-only cache: the router artifact and its ONNX export (new exports go to /tmp).
+        {"name": "COE_CACHE_DIR", "value": COE_CACHE_DIR},
+        {"name": "COE_MODEL_CACHE_DIR", "value": f"{CACHE_DIR}/models"},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "XDG_CACHE_HOME", "value": f"{CACHE_DIR}/xdg-cache"},
+        {"name": "XDG_CONFIG_HOME", "value": f"{CACHE_DIR}/xdg-config"},
     ]
     if gpu:
         env += [
-            {"name": "HF_HOME", "value": "/home/ray/.cache/huggingface"},
+            {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
+            {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{CACHE_DIR}/torchinductor"},
             _secret_env("HF_TOKEN", HF_TOKEN_SECRET, HF_TOKEN_SECRET_KEY, optional=True),
         ]
     return env
+
+
+def _ray_mounts() -> list[dict[str, Any]]:
+    return [*_tmp_mounts(), {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "admin-key", "mountPath": ADMIN_KEY_DIR, "readOnly": True}]
 
 
 def _head_group(config: CoeConfig, options: ClusterOptions) -> dict[str, Any]:
     port = config.server.port
     container = {
         "name": "ray-head",
-        "image": options.image,
+        "image": options.image_ref(),
         "imagePullPolicy": options.image_pull_policy,
         "ports": [
-            {"name": "gcs-server", "containerPort": 6379},
-            {"name": "dashboard", "containerPort": 8265},
-            {"name": "client", "containerPort": 10001},
+            {"name": "gcs-server", "containerPort": GCS_PORT},
+            {"name": "dashboard", "containerPort": DASHBOARD_PORT},
+            {"name": "client", "containerPort": CLIENT_PORT},
             {"name": SERVE_PORT_NAME, "containerPort": port},
             {"name": "metrics", "containerPort": METRICS_PORT},
-            {"name": "as-metrics", "containerPort": 44217},
-            {"name": "dash-metrics", "containerPort": 44227},
+            {"name": "as-metrics", "containerPort": AS_METRICS_PORT},
+            {"name": "dash-metrics", "containerPort": DASH_METRICS_PORT},
         ],
-        "env": [{"name": "COE_LOG_LEVEL", "value": options.log_level}],
+        "env": _ray_env(options, state=False),
         "resources": _resources(str(options.head.cpu), f"{options.head.memory_gib}Gi"),
+        "securityContext": container_security(),
+        "volumeMounts": _ray_mounts(),
     }
-    spec: dict[str, Any] = {"containers": [container]}
+    spec: dict[str, Any] = {
+        "securityContext": _pod_security(RAY_UID, RAY_GID),
+        "containers": [container],
+        "volumes": [*_tmp_volumes(options), _empty_dir("cache", 1), _admin_key_volume()],
+    }
     if options.cpu_node_selector:
         spec["nodeSelector"] = dict(options.cpu_node_selector)
     return {
         # num-cpus 0: no coe replica is scheduled on the head; it keeps GCS, dashboard and the controller.
+        # dashboard-host 0.0.0.0: the KubeRay operator deploys serveConfigV2 through the dashboard, so it must
+        # listen on the pod IP; Ray token authentication (authOptions) and the NetworkPolicy guard it.
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
         "template": {"metadata": {"labels": {LABEL_APP: options.name, **_labels(options.name, "ray-head")}},
                      "spec": spec},
@@ -412,26 +549,27 @@ def _worker_group(plan: GroupPlan, config: CoeConfig, options: ClusterOptions) -
     port = config.server.port
     container: dict[str, Any] = {
         "name": "ray-worker",
-        "image": options.gpu_image if gpu else options.image,
+        "image": options.image_ref(gpu),
         "imagePullPolicy": options.image_pull_policy,
         "ports": [{"name": SERVE_PORT_NAME, "containerPort": port},
                   {"name": "metrics", "containerPort": METRICS_PORT}],
-        "env": _worker_env(options, gpu=gpu),
+        "env": _ray_env(options, gpu=gpu),
         "resources": _resources(str(plan.cpu), f"{plan.memory_gib}Gi", plan.gpus),
-        "volumeMounts": [{"name": "model-cache", "mountPath": "/home/ray/.cache"}],
+        "securityContext": container_security(),
+        # /dev/shm in memory (charged to the pod's memory limit): Ray's object store and NCCL need more than
+        # the container runtime's 64 MiB default.
+        "volumeMounts": [*_ray_mounts(), {"name": "dshm", "mountPath": "/dev/shm"}],
     }
-    # /dev/shm in memory (charged to the pod's memory limit): Ray's object store and NCCL need more than
-    # the container runtime's 64 MiB default.
-    container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
-    volumes: list[dict[str, Any]] = []
-    spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    cache_gib = options.gpu_group.model_cache_gib if gpu else options.cpu_group.model_cache_gib
+    volumes: list[dict[str, Any]] = [*_tmp_volumes(options), _empty_dir("cache", cache_gib), _admin_key_volume(),
+                                     {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+    spec: dict[str, Any] = {"securityContext": _pod_security(RAY_UID, RAY_GID), "containers": [container],
+                            "volumes": volumes}
     if gpu:
         gg = options.gpu_group
-        volumes.append({"name": "model-cache", "emptyDir": {"sizeLimit": f"{gg.model_cache_gib}Gi"}})
         spec["nodeSelector"] = dict(gg.node_selector)
         spec["tolerations"] = [dict(t) for t in gg.tolerations]
     else:
-        volumes.append({"name": "model-cache", "emptyDir": {"sizeLimit": f"{options.cpu_group.model_cache_gib}Gi"}})
         # Serve runs an HTTP proxy only on pods that host a replica; a pod is Ready (in the Service) when its
         # proxy reaches a live CoeIngress. `/ready` (every expert has a running replica) is the app-level gate.
         container["readinessProbe"] = {
@@ -441,7 +579,6 @@ def _worker_group(plan: GroupPlan, config: CoeConfig, options: ClusterOptions) -
         }
         if options.cpu_node_selector:
             spec["nodeSelector"] = dict(options.cpu_node_selector)
-    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
     component = f"ray-worker-{plan.name}"
     return {
         "groupName": plan.name,
@@ -454,6 +591,11 @@ def _worker_group(plan: GroupPlan, config: CoeConfig, options: ClusterOptions) -
     }
 
 
+def required_secrets() -> list[str]:
+    """The Secrets the rendered manifests need (created out of band: `coe k8s secrets`)."""
+    return sorted([ADMIN_KEY_SECRET, REDIS_SECRET, STATE_REDIS_SECRET])
+
+
 def rayservice(config: CoeConfig, options: ClusterOptions, config_ref: str, profile: str) -> dict[str, Any]:
     """The RayService manifest for a config."""
     payload = config_payload(config)
@@ -462,10 +604,14 @@ def rayservice(config: CoeConfig, options: ClusterOptions, config_ref: str, prof
         ANN_CONFIG_SHA: config_sha256(payload),
         ANN_PROFILE: profile,
     }
-    if options.secrets == "external":
-        annotations[ANN_EXTERNAL_SECRETS] = ",".join(sorted([API_KEYS_SECRET, REDIS_SECRET]))
+    # Created out of band (`coe k8s secrets`), never rendered: validation checks every reference is listed here.
+    annotations[ANN_EXTERNAL_SECRETS] = ",".join(required_secrets())
     cluster = {
         "rayVersion": RAY_VERSION,
+        # Ray token authentication (Ray >= 2.52, KubeRay >= 1.5.1): the operator generates a random token in a
+        # Secret named like the RayCluster (key auth_token) and sets RAY_AUTH_MODE / RAY_AUTH_TOKEN on every Ray
+        # container, the autoscaler included; GCS, dashboard and Ray Client then refuse unauthenticated calls.
+        "authOptions": {"mode": "token"},
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": {
             "version": "v2",
@@ -473,6 +619,8 @@ def rayservice(config: CoeConfig, options: ClusterOptions, config_ref: str, prof
             "idleTimeoutSeconds": options.autoscaler_idle_timeout_s,
             "imagePullPolicy": options.image_pull_policy,
             "resources": _resources(AUTOSCALER_CPU, AUTOSCALER_MEMORY),
+            "securityContext": container_security(),
+            "volumeMounts": _tmp_mounts(),
         },
         "gcsFaultToleranceOptions": {
             "redisAddress": f"{options.redis_host}:{options.redis_port}",
@@ -535,52 +683,58 @@ def ingress(config: CoeConfig, options: ClusterOptions) -> dict[str, Any]:
     }
 
 
-def demo_secrets() -> list[dict[str, Any]]:
-    """Demo-only Secrets (profile cpu-demo). Production creates them out of band (see k8s/README.md)."""
-    labels = {"app.kubernetes.io/part-of": "coe"}
-    note = {"coe.dev/demo-only": "replace these values before exposing the endpoint"}
+def generated_secrets(namespace: str) -> list[dict[str, Any]]:
+    """The Secrets of :func:`required_secrets` with fresh random values (``coe k8s secrets``; never committed).
+
+    Redis passwords are hex: they go into COE_REDIS_URL. The admin key is URL-safe base64 (256 bits)."""
+    values = {
+        ADMIN_KEY_SECRET: (ADMIN_KEY_SECRET_KEY, secrets.token_urlsafe(32), "coe's admin key (creates team API keys)"),
+        REDIS_SECRET: (REDIS_SECRET_KEY, secrets.token_hex(32), "password of the GCS fault-tolerance Redis"),
+        STATE_REDIS_SECRET: (STATE_REDIS_SECRET_KEY, secrets.token_hex(32), "password of coe's state Redis"),
+    }
+    assert sorted(values) == required_secrets()
     return [
         {"apiVersion": "v1", "kind": "Secret",
-         "metadata": {"name": API_KEYS_SECRET, "labels": labels, "annotations": note},
-         "type": "Opaque", "stringData": {API_KEYS_SECRET_KEY: "coe-demo-key"}},
-        {"apiVersion": "v1", "kind": "Secret",
-         "metadata": {"name": REDIS_SECRET, "labels": labels, "annotations": note},
-         "type": "Opaque", "stringData": {REDIS_SECRET_KEY: "coe-demo-redis-password"}},
+         "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/part-of": "coe"},
+                      "annotations": {"coe.dev/generated-by": "coe k8s secrets", "coe.dev/description": what}},
+         "type": "Opaque", "stringData": {key: value}}
+        for name, (key, value, what) in sorted(values.items())
     ]
 
 
-def redis_objects() -> list[dict[str, Any]]:
-    """One Redis for GCS fault tolerance (DB 0) and coe's own state (DB 1, keys `coe:*`)."""
-    labels = {"app.kubernetes.io/name": REDIS_NAME, "app.kubernetes.io/part-of": "coe"}
-    selector = {"app.kubernetes.io/name": REDIS_NAME}
+def _redis(name: str, secret: str, maxmemory: str, policy: str, options: ClusterOptions) -> list[dict[str, Any]]:
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "coe"}
+    selector = {"app.kubernetes.io/name": name}
     service = {
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": REDIS_NAME, "labels": labels},
+        "metadata": {"name": name, "labels": labels},
         "spec": {"type": "ClusterIP", "selector": selector,
                  "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}]},
     }
     container = {
         "name": "redis",
-        "image": "redis:7.4-alpine",
+        "image": options.redis_image_ref(),
         "imagePullPolicy": "IfNotPresent",
         "args": ["--requirepass", "$(REDIS_PASSWORD)", "--appendonly", "yes",
-                 "--maxmemory", "768mb", "--maxmemory-policy", "noeviction"],
-        "env": [_secret_env("REDIS_PASSWORD", REDIS_SECRET, REDIS_SECRET_KEY)],
+                 "--maxmemory", maxmemory, "--maxmemory-policy", policy],
+        "env": [_secret_env("REDIS_PASSWORD", secret, "password")],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
         "readinessProbe": {"exec": {"command": ["sh", "-c", 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli ping | grep -q PONG']},
                            "periodSeconds": 5, "timeoutSeconds": 3},
         "livenessProbe": {"tcpSocket": {"port": "redis"}, "initialDelaySeconds": 10, "periodSeconds": 10},
         "resources": _resources("1", "1Gi", cpu_request="100m", memory_request="256Mi"),
+        "securityContext": container_security(),
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
     }
     statefulset = {
         "apiVersion": "apps/v1", "kind": "StatefulSet",
-        "metadata": {"name": REDIS_NAME, "labels": labels},
+        "metadata": {"name": name, "labels": labels},
         "spec": {
-            "serviceName": REDIS_NAME,
+            "serviceName": name,
             "replicas": 1,
             "selector": {"matchLabels": selector},
-            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+            "template": {"metadata": {"labels": labels},
+                         "spec": {"securityContext": _pod_security(REDIS_UID, REDIS_GID), "containers": [container]}},
             "volumeClaimTemplates": [{
                 "metadata": {"name": "data"},
                 "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}},
@@ -588,6 +742,67 @@ def redis_objects() -> list[dict[str, Any]]:
         },
     }
     return [service, statefulset]
+
+
+def redis_objects(options: ClusterOptions | None = None) -> list[dict[str, Any]]:
+    """Two Redis, so coe's state can never stop GCS writes: `coe-redis` for GCS fault tolerance (noeviction)
+    and `coe-state-redis` for coe's keys, usage counters and rate-limit buckets (volatile-ttl)."""
+    opts = options or ClusterOptions()
+    return [*_redis(REDIS_NAME, REDIS_SECRET, GCS_REDIS_MAXMEMORY, GCS_REDIS_POLICY, opts),
+            *_redis(STATE_REDIS_NAME, STATE_REDIS_SECRET, STATE_REDIS_MAXMEMORY, STATE_REDIS_POLICY, opts)]
+
+
+def ray_pod_selector(options: ClusterOptions) -> dict[str, str]:
+    """Labels of every Ray pod of the RayService (head and workers, of the old and the new cluster)."""
+    return {LABEL_APP: options.name}
+
+
+def _tcp(*ports: int) -> list[dict[str, Any]]:
+    return [{"protocol": "TCP", "port": p} for p in ports]
+
+
+def network_policies(config: CoeConfig, options: ClusterOptions) -> list[dict[str, Any]]:
+    """Ingress NetworkPolicies: Ray pods reach each other (every port) and both Redis; the Ingress controller's
+    namespace reaches only the Serve port, the KubeRay operator only the dashboard, Prometheus only the metrics
+    ports; nothing else reaches a Ray pod or a Redis."""
+    ray = ray_pod_selector(options)
+    labels = _labels(options.name, "network-policy")
+
+    def policy(name: str, selector: dict[str, str], rules: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": name, "labels": labels},
+                "spec": {"podSelector": {"matchLabels": selector}, "policyTypes": ["Ingress"], "ingress": rules}}
+
+    ray_rules: list[dict[str, Any]] = [
+        {"from": [{"podSelector": {"matchLabels": ray}}]},
+        {"from": [{"namespaceSelector": {"matchLabels": dict(options.ingress_namespace_selector)}}],
+         "ports": _tcp(config.server.port)},
+        {"from": [{"namespaceSelector": {"matchLabels": dict(options.operator_namespace_selector)}}],
+         "ports": _tcp(DASHBOARD_PORT)},
+    ]
+    if options.monitoring_namespace_selector:
+        ray_rules.append({"from": [{"namespaceSelector": {"matchLabels": dict(options.monitoring_namespace_selector)}}],
+                          "ports": _tcp(METRICS_PORT, AS_METRICS_PORT, DASH_METRICS_PORT)})
+    redis_rule = [{"from": [{"podSelector": {"matchLabels": ray}}], "ports": _tcp(REDIS_PORT)}]
+    return [
+        policy(f"{options.name}-ray", ray, ray_rules),
+        policy(f"{options.name}-gcs-redis", {"app.kubernetes.io/name": REDIS_NAME}, redis_rule),
+        policy(f"{options.name}-state-redis", {"app.kubernetes.io/name": STATE_REDIS_NAME}, redis_rule),
+    ]
+
+
+def pod_disruption_budgets(config: CoeConfig, options: ClusterOptions) -> list[dict[str, Any]]:
+    """The head: no voluntary eviction (a drain waits until you delete it; GCS fault tolerance restores it and
+    Serve keeps answering meanwhile). Each worker group: one pod at a time. The Ray autoscaler deletes idle
+    pods directly, which PodDisruptionBudgets do not limit."""
+    def pdb(component: str, max_unavailable: int) -> dict[str, Any]:
+        return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                "metadata": {"name": f"{options.name}-{component}", "labels": _labels(options.name, component)},
+                "spec": {"maxUnavailable": max_unavailable,
+                         "selector": {"matchLabels": {LABEL_APP: options.name,
+                                                      "app.kubernetes.io/component": component}}}}
+
+    return [pdb("ray-head", 0)] + [pdb(f"ray-worker-{p.name}", 1) for p in plan_groups(config, options)]
 
 
 def pod_monitors() -> list[dict[str, Any]]:
@@ -653,13 +868,13 @@ def _kustomization(resources: list[str], namespace: str | None = None) -> dict[s
     return k
 
 
-def render_base() -> dict[str, str]:
-    """Files of ``base/`` (independent of the config and the profile)."""
+def render_base(options: ClusterOptions | None = None) -> dict[str, str]:
+    """Files of ``base/`` (independent of the config; of the options only the Redis image)."""
     head = _header([f"Generated by `coe k8s render` (coe {__version__}). Do not edit: regenerate with",
                     f"`{REGENERATE_CMD}`."])
     return {
         "base/kustomization.yaml": dump_docs([_kustomization(["redis.yaml", "podmonitor.yaml"])], head),
-        "base/redis.yaml": dump_docs(redis_objects(), head),
+        "base/redis.yaml": dump_docs(redis_objects(options), head),
         "base/podmonitor.yaml": dump_docs(pod_monitors(), head),
     }
 
@@ -679,26 +894,25 @@ def render_overlay(config: CoeConfig, options: ClusterOptions, *, config_ref: st
     rs_head = head + _header([
         f"Target: KubeRay {KUBERAY_VERSION} (ray.io/v1), Ray {RAY_VERSION}.",
         f"Zero-downtime upgrade (NewCluster) needs spare capacity for a second cluster at minimum size: {spare}.",
+        f"Secrets ({', '.join(required_secrets())}) are not in the manifests: create them first with",
+        f"`coe k8s secrets --namespace {options.namespace} | kubectl apply -f -`.",
     ])
-    resources = ["../../base"]
+    resources = ["../../base", "rayservice.yaml", "ingress.yaml", "networkpolicy.yaml", "pdb.yaml"]
     files: dict[str, str] = {}
-    if options.secrets == "inline":
-        resources.append("secrets.yaml")
-        files[f"{d}/secrets.yaml"] = dump_docs(demo_secrets(), head + _header(["DEMO VALUES: replace them."]))
-    resources += ["rayservice.yaml", "ingress.yaml"]
     files[f"{d}/kustomization.yaml"] = dump_docs([_kustomization(resources, options.namespace)], head)
     files[f"{d}/rayservice.yaml"] = dump_docs([rayservice(config, options, config_ref, profile)], rs_head)
     files[f"{d}/ingress.yaml"] = dump_docs([ingress(config, options)], head)
+    files[f"{d}/networkpolicy.yaml"] = dump_docs(network_policies(config, options), head)
+    files[f"{d}/pdb.yaml"] = dump_docs(pod_disruption_budgets(config, options), head)
     return dict(sorted(files.items()))
 
 
 def render_committed() -> dict[str, str]:
     """The whole committed tree under ``k8s/`` (base + the packaged configs' overlays), relative paths."""
-    files = render_base()
+    files = render_base(ClusterOptions())  # both committed profiles keep the default Redis image
     for overlay, ref in COMMITTED_OVERLAYS.items():
         files.update(render_overlay(load_config(ref), cluster_options(overlay), config_ref=ref, profile=overlay))
     return dict(sorted(files.items()))
-
 
 
 def write_tree(files: dict[str, str], out: str | Path) -> list[Path]:

@@ -29,6 +29,7 @@ import importlib.metadata
 import json
 import math
 import os
+import posixpath
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -692,14 +693,22 @@ class Context:
     crd_dir: Path | None
     config_dirs: list[Path]
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     external_secrets: set[str] = field(default_factory=set)
 
     def add(self, obj: Obj | None, where: str, msg: str) -> None:
+        self._put(self.problems, obj, where, msg)
+
+    def warn(self, obj: Obj | None, where: str, msg: str) -> None:
+        self._put(self.warnings, obj, where, msg)
+
+    @staticmethod
+    def _put(out: list[str], obj: Obj | None, where: str, msg: str) -> None:
         ref = f"{obj.ref}: " if obj is not None else ""
         loc = f"{where}: " if where else ""
         line = f"{ref}{loc}{msg}"
-        if line not in self.problems:
-            self.problems.append(line)
+        if line not in out:
+            out.append(line)
 
 
 def _containers(pod_spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -857,6 +866,7 @@ def check_raycluster_spec(ctx: Context, obj: Obj, rc: dict[str, Any], where: str
                 f"the head offers {head_supply.cpus:g} CPU / {head_supply.gpus:g} GPU to Ray: set num-cpus: '0' "
                 "(and no GPUs) so no coe replica runs on the head")
     head_env = _env(head_c)
+    check_ray_auth(ctx, obj, rc, where)
     gcs = rc.get("gcsFaultToleranceOptions")
     if not isinstance(gcs, dict):
         ctx.add(obj, f"{where}.gcsFaultToleranceOptions", "missing: GCS fault tolerance with external Redis is required")
@@ -1128,39 +1138,150 @@ def _check_fit(ctx: Context, obj: Obj, demands: list[Demand], supplies: list[Sup
                     f"the minimum replicas need {need:g} {res} but the worker groups offer at most {have:g}")
 
 
+@dataclass
+class PodGroup:
+    """A pod template of the manifests (a Ray head or worker group, a StatefulSet ...) and where it lives."""
+
+    obj: Obj
+    where: str  # path of the template in obj
+    template: dict[str, Any]
+    kind: str  # "ray-head", "ray-worker", "workload"
+    name: str  # group name / workload name
+    extra: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (path, container) e.g. the autoscaler
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {str(k): str(v) for k, v in ((self.template.get("metadata") or {}).get("labels") or {}).items()}
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.template.get("spec") or {}
+
+    @property
+    def namespace(self) -> str:
+        return str((self.obj.doc.get("metadata") or {}).get("namespace", ""))
+
+    def describe(self) -> str:
+        return {"ray-head": "the Ray head", "ray-worker": f"Ray worker group '{self.name}'"}.get(
+            self.kind, f"{self.obj.kind} '{self.name}'")
+
+
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod", "PodTemplate"}
+
+
+def _ray_cluster_spec(o: Obj) -> tuple[dict[str, Any], str] | None:
+    if o.kind == "RayService" and _is_ray(o):
+        rc = (o.doc.get("spec") or {}).get("rayClusterConfig")
+        return (rc, "spec.rayClusterConfig") if isinstance(rc, dict) else None
+    if o.kind == "RayCluster" and _is_ray(o):
+        rc = o.doc.get("spec")
+        return (rc, "spec") if isinstance(rc, dict) else None
+    return None
+
+
+def pod_groups(objs: list[Obj]) -> list[PodGroup]:
+    """Every pod template of the manifests: Ray head and worker groups (with the autoscaler sidecar KubeRay adds
+    to the head), and the pod templates of built-in workloads."""
+    out: list[PodGroup] = []
+    for o in objs:
+        found = _ray_cluster_spec(o)
+        if found is not None:
+            rc, where = found
+            head = rc.get("headGroupSpec") or {}
+            if isinstance(head.get("template"), dict):
+                g = PodGroup(o, f"{where}.headGroupSpec.template", head["template"], "ray-head", "head")
+                aopts = rc.get("autoscalerOptions") or {}
+                if rc.get("enableInTreeAutoscaling") is True:
+                    g.extra.append((f"{where}.autoscalerOptions", {"name": "autoscaler", **aopts}))
+                out.append(g)
+            for i, wg in enumerate(rc.get("workerGroupSpecs") or []):
+                if isinstance(wg, dict) and isinstance(wg.get("template"), dict):
+                    out.append(PodGroup(o, f"{where}.workerGroupSpecs[{i}].template", wg["template"], "ray-worker",
+                                        str(wg.get("groupName", i))))
+            continue
+        if o.kind not in WORKLOAD_KINDS:
+            continue
+        spec = o.doc.get("spec") or {}
+        if o.kind == "Pod":
+            out.append(PodGroup(o, "", {"metadata": o.doc.get("metadata") or {}, "spec": spec}, "workload", o.name))
+            continue
+        if o.kind == "PodTemplate":
+            t, w = o.doc.get("template"), "template"
+        elif o.kind == "CronJob":
+            t, w = ((spec.get("jobTemplate") or {}).get("spec") or {}).get("template"), "spec.jobTemplate.spec.template"
+        else:
+            t, w = spec.get("template"), "spec.template"
+        if isinstance(t, dict):
+            out.append(PodGroup(o, w, t, "workload", o.name))
+    return out
+
+
+def _group_containers(g: PodGroup) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{g.where}.spec.{cw}", c) for cw, c in _containers(g.spec)] + g.extra
+
+
+def _is_redis(g: PodGroup) -> bool:
+    for _, c in _group_containers(g):
+        image = str(c.get("image", "")).split("@")[0].rsplit("/", 1)[-1].split(":")[0]
+        if image in ("redis", "redis-stack-server", "valkey"):
+            return True
+    return False
+
+
+def _ray_container(g: PodGroup) -> tuple[str, dict[str, Any]] | None:
+    cs = g.spec.get("containers") or []
+    if cs and isinstance(cs[0], dict):
+        return f"{g.where}.spec.containers[0]", cs[0]
+    return None
+
+
+def _literal_env(c: dict[str, Any]) -> dict[str, str]:
+    return {str(e["name"]): str(e["value"]) for e in c.get("env") or []
+            if isinstance(e, dict) and e.get("name") and isinstance(e.get("value"), (str, int, float))}
+
+
+def _redis_host_port(url: str) -> tuple[str, int | None]:
+    u = urlparse(url if "://" in url else f"redis://{url}")
+    try:
+        port = u.port
+    except ValueError:
+        port = None
+    return (u.hostname or "").lower(), port
+
+
 def _coe_worker_rules(ctx: Context, obj: Obj) -> None:
-    """coe's env (Redis DB apart from GCS, API keys) and the ingress readiness probe on CPU workers."""
+    """coe's env (its own state Redis, no obsolete COE_API_KEYS) and the ingress readiness probe on CPU workers."""
     spec = obj.doc.get("spec") or {}
     rc = spec.get("rayClusterConfig") or {}
     gcs = rc.get("gcsFaultToleranceOptions") or {}
-    gcs_host = str(gcs.get("redisAddress", "")).split("://")[-1].split(":")[0]
+    gcs_host = _redis_host_port(str(gcs.get("redisAddress", "")))[0] if gcs.get("redisAddress") else ""
     port = 8000
     try:
         port = _serve_port(yaml.safe_load(spec.get("serveConfigV2") or "") or {})
     except (yaml.YAMLError, AttributeError, TypeError, ValueError):
         pass
-    for i, g in enumerate(rc.get("workerGroupSpecs") or []):
-        if not isinstance(g, dict):
+    for g in pod_groups([obj]):
+        for cw, c in _group_containers(g):
+            if "COE_API_KEYS" in _env(c):
+                ctx.add(obj, f"{cw}.env.COE_API_KEYS", "COE_API_KEYS is read by nothing: team API keys live in coe's "
+                                                        "state Redis (created over HTTP with the admin key) - remove it")
+        if g.kind != "ray-worker":
             continue
-        gw = f"spec.rayClusterConfig.workerGroupSpecs[{i}]"
-        cs = ((g.get("template") or {}).get("spec") or {}).get("containers") or []
-        if not cs or not isinstance(cs[0], dict):
+        rcw = _ray_container(g)
+        if rcw is None:
             continue
-        c = cs[0]
+        cw, c = rcw
         env = _env(c)
-        cw = f"{gw}.template.spec.containers[0]"
         url = env.get("COE_REDIS_URL")
         if url is None:
-            ctx.add(obj, f"{cw}.env", "COE_REDIS_URL is not set: coe's shared state would stay in-process")
-        elif "value" in url:
-            u = urlparse(str(url["value"]))
-            db = int((u.path or "/0").strip("/") or 0) if (u.path or "/0").strip("/").isdigit() else 0
-            if db == R.GCS_REDIS_DB and (u.hostname or "") == gcs_host:
-                ctx.add(obj, f"{cw}.env.COE_REDIS_URL", f"uses Redis DB {db} on the GCS Redis ({gcs_host}); "
-                                                        "GCS fault tolerance owns DB 0 - use /1")
-        keys = env.get("COE_API_KEYS")
-        if keys is None or not ((keys.get("valueFrom") or {}).get("secretKeyRef")):
-            ctx.add(obj, f"{cw}.env", "COE_API_KEYS must come from the API-key Secret (valueFrom.secretKeyRef)")
+            ctx.add(obj, f"{cw}.env", "COE_REDIS_URL is not set: coe's shared state (keys, limits, usage) would stay "
+                                      "in-process")
+        elif "value" in url and gcs_host:
+            host = _redis_host_port(str(url["value"]))[0]
+            if host == gcs_host:
+                ctx.add(obj, f"{cw}.env.COE_REDIS_URL",
+                        f"COE_REDIS_URL is on the GCS Redis ({gcs_host}): coe's state needs its own Redis (e.g. "
+                        f"{R.STATE_REDIS_NAME}) so its counters filling memory can never stop GCS writes")
         if _gpu_count(c) == 0:
             probe = c.get("readinessProbe") or {}
             hg = probe.get("httpGet") or {}
@@ -1169,6 +1290,466 @@ def _coe_worker_rules(ctx: Context, obj: Obj) -> None:
                                                      "/health (or /ready)")
             elif hg.get("port") not in (R.SERVE_PORT_NAME, port):
                 ctx.add(obj, f"{cw}.readinessProbe.httpGet.port", f"must be the Serve port ({R.SERVE_PORT_NAME} / {port})")
+
+
+# ---------------------------------------------------------------------------------------- access control
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def check_ray_auth(ctx: Context, obj: Obj, rc: dict[str, Any], where: str) -> None:
+    """The dashboard (job submission = code execution) listens on the pod IP only with Ray token authentication."""
+    rsp = (rc.get("headGroupSpec") or {}).get("rayStartParams") or {}
+    host = str(rsp.get("dashboard-host", "0.0.0.0"))  # KubeRay's default is 0.0.0.0
+    auth = rc.get("authOptions") or {}
+    if host not in LOOPBACK and auth.get("mode") != "token":
+        ctx.add(obj, f"{where}.authOptions", f"dashboard-host {host} requires authOptions.mode token (Ray token "
+                                             "authentication): otherwise anyone who reaches the head's dashboard or "
+                                             "GCS can submit jobs, i.e. run code in the cluster")
+    for g in pod_groups([obj]):
+        for cw, c in _group_containers(g):
+            mode = _literal_env(c).get("RAY_AUTH_MODE")
+            if mode is not None and mode != "token" and auth.get("mode") == "token":
+                ctx.add(obj, f"{cw}.env.RAY_AUTH_MODE", f"'{mode}' overrides authOptions.mode token")
+
+
+def _mount_volume(g: PodGroup, c: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The deepest volume mount of container `c` holding `path`, and its volume (None: the root filesystem)."""
+    best: tuple[dict[str, Any], dict[str, Any]] | None = None
+    vols = {v.get("name"): v for v in g.spec.get("volumes") or [] if isinstance(v, dict)}
+    for m in c.get("volumeMounts") or []:
+        if not isinstance(m, dict) or not m.get("mountPath"):
+            continue
+        if _under(path, str(m["mountPath"])) and (best is None or len(str(m["mountPath"])) > len(str(best[0]["mountPath"]))):
+            best = (m, vols.get(m.get("name")) or {})
+    return best
+
+
+def _norm(p: str) -> str:
+    return posixpath.normpath(p) if p else p
+
+
+def _under(path: str, mount: str) -> bool:
+    """`path` is `mount` or inside it (the mount shadows it)."""
+    path, mount = _norm(path), _norm(mount)
+    return path == mount or path.startswith(mount.rstrip("/") + "/")
+
+
+def check_admin_key(ctx: Context, g: PodGroup) -> None:
+    """Every Ray pod may host an ingress replica (Ray places it on any pod with spare CPU): each must carry the
+    admin key from a Secret, or that replica would serve without authentication."""
+    rcw = _ray_container(g)
+    if rcw is None:
+        return
+    cw, c = rcw
+    env = _env(c)
+    key_file, key = env.get("COE_ADMIN_KEY_FILE"), env.get("COE_ADMIN_KEY")
+    insecure = _literal_env(c).get("COE_INSECURE_NO_AUTH", "")
+    if insecure.strip().lower() in _TRUE:
+        ctx.add(g.obj, f"{cw}.env.COE_INSECURE_NO_AUTH", "serving without API keys is not allowed in a cluster")
+    if key_file is not None and key is not None:
+        ctx.add(g.obj, f"{cw}.env", "COE_ADMIN_KEY and COE_ADMIN_KEY_FILE are both set: coe refuses to start")
+    if key is not None:
+        if not ((key.get("valueFrom") or {}).get("secretKeyRef")):
+            ctx.add(g.obj, f"{cw}.env.COE_ADMIN_KEY", "must come from a Secret (valueFrom.secretKeyRef); prefer "
+                                                      "COE_ADMIN_KEY_FILE with the Secret mounted read-only")
+        return
+    if key_file is None:
+        ctx.add(g.obj, f"{cw}.env", f"COE_ADMIN_KEY_FILE is not set on {g.describe()}: an ingress replica placed on "
+                                    f"this pod would serve without API keys (mount the Secret {R.ADMIN_KEY_SECRET} "
+                                    f"at {R.ADMIN_KEY_DIR} and set COE_ADMIN_KEY_FILE={R.ADMIN_KEY_FILE})")
+        return
+    path = str(key_file.get("value", ""))
+    found = _mount_volume(g, c, path) if path.startswith("/") else None
+    vol = found[1] if found else {}
+    from_secret = bool((vol.get("secret") or {}).get("secretName")) or any(
+        isinstance(src, dict) and src.get("secret") for src in (vol.get("projected") or {}).get("sources") or [])
+    if not from_secret:
+        ctx.add(g.obj, f"{cw}.env.COE_ADMIN_KEY_FILE", f"'{path}' is not in a mounted Secret volume "
+                                                       f"(mount {R.ADMIN_KEY_SECRET} read-only at {R.ADMIN_KEY_DIR})")
+    elif found and not found[0].get("readOnly"):
+        ctx.add(g.obj, f"{cw}.volumeMounts", f"the admin key mount at {found[0]['mountPath']} must be readOnly")
+
+
+# ---------------------------------------------------------------------------------------- pod hardening
+
+
+def _effective(c: dict[str, Any], pod: dict[str, Any], key: str) -> Any:
+    csc = c.get("securityContext") or {}
+    return csc[key] if key in csc and csc[key] is not None else pod.get(key)
+
+
+def check_hardening(ctx: Context, g: PodGroup) -> None:
+    """runAsNonRoot with a numeric user, no privilege escalation, no capabilities, RuntimeDefault seccomp and a
+    read-only root filesystem, on every container of every pod template (the autoscaler sidecar included)."""
+    pod = g.spec.get("securityContext") or {}
+    for cw, c in _group_containers(g):
+        csc = c.get("securityContext") or {}
+        missing: list[str] = []
+        if _effective(c, pod, "runAsNonRoot") is not True:
+            missing.append("runAsNonRoot: true")
+        uid = _effective(c, pod, "runAsUser")
+        if uid is None:
+            missing.append("runAsUser (numeric: the kubelet cannot verify a named image user is not root)")
+        elif uid == 0:
+            missing.append("runAsUser other than 0")
+        if csc.get("allowPrivilegeEscalation") is not False:
+            missing.append("allowPrivilegeEscalation: false")
+        caps = csc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            missing.append("capabilities.drop: [ALL]")
+        if caps.get("add"):
+            missing.append(f"no capabilities.add (has {caps['add']})")
+        if csc.get("privileged"):
+            missing.append("privileged: false")
+        seccomp = (_effective(c, pod, "seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            missing.append("seccompProfile.type: RuntimeDefault")
+        if csc.get("readOnlyRootFilesystem") is not True:
+            missing.append("readOnlyRootFilesystem: true (writable paths as emptyDir volumes)")
+        if missing:
+            ctx.add(g.obj, f"{cw}.securityContext", f"container '{c.get('name', '?')}' is not hardened: needs "
+                                                    + "; ".join(missing))
+
+
+# ---------------------------------------------------------------------------------------- paths and mounts
+
+
+RAY_WRITABLE = ("/tmp", "/tmp/ray")
+WRITABLE_ENV = ("COE_MODEL_CACHE_DIR", "HF_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "TRITON_CACHE_DIR",
+                "TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT")
+WRITABLE_VOLUMES = ("emptyDir", "persistentVolumeClaim", "ephemeral", "hostPath")
+_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def _expand(path: str, env: dict[str, str]) -> str:
+    """`~` and $VAR as coe expands them in the pod (HOME from the env, else the Ray image's /home/ray)."""
+    home = env.get("HOME", R.RAY_HOME)
+    if path == "~" or path.startswith("~/"):
+        path = home + path[1:]
+    return _VAR.sub(lambda m: env.get(m.group(1) or m.group(2), m.group(0)), path)
+
+
+def _app_configs(obj: Obj) -> list[dict[str, Any]]:
+    """The coe configs a RayService's serveConfigV2 deploys (config_inline, or a packaged/file config)."""
+    try:
+        cfg = yaml.safe_load((obj.doc.get("spec") or {}).get("serveConfigV2") or "") or {}
+    except yaml.YAMLError:
+        return []
+    out = []
+    for app in cfg.get("applications") or [] if isinstance(cfg, dict) else []:
+        args = (app or {}).get("args") or {} if isinstance(app, dict) else {}
+        if isinstance(args, dict) and isinstance(args.get("config_inline"), dict):
+            out.append(args["config_inline"])
+        elif isinstance(args, dict) and isinstance(args.get("config"), str):
+            try:
+                from coe.config import load_config
+
+                out.append(load_config(args["config"]).model_dump(mode="json"))
+            except Exception:  # noqa: BLE001 - a bad reference is reported by the build check
+                pass
+    return out
+
+
+def config_paths(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(what, path) of every file or directory a coe config reads from the image."""
+    out: list[tuple[str, str]] = []
+    router = config.get("router") or {}
+    if router.get("kind") == "routerdc" and router.get("artifact"):
+        out.append(("router.artifact (the RouterDC artifact directory)", str(router["artifact"])))
+    for i, e in enumerate(config.get("experts") or []):
+        path = ((e or {}).get("source") or {}).get("path") if isinstance(e, dict) else None
+        if path:
+            out.append((f"experts[{i}].source.path ({e.get('name', '?')})", str(path)))
+    return out
+
+
+def check_paths(ctx: Context, g: PodGroup, configs: list[dict[str, Any]]) -> None:
+    """No volume mount hides a path the config reads from the image (a mount at or above it), and every path a
+    container writes is on a writable volume when its root filesystem is read-only."""
+    for cw, c in _group_containers(g):
+        env = _literal_env(c)
+        mounts = [m for m in c.get("volumeMounts") or [] if isinstance(m, dict) and m.get("mountPath")]
+        if (cw, c) in g.extra:  # the autoscaler mounts the head pod's volumes; it reads no coe config
+            protected: list[tuple[str, str]] = []
+        else:
+            protected = [(what, _expand(p, env)) for cfg in configs for what, p in config_paths(cfg)]
+        for what, path in protected:
+            if not path.startswith("/"):
+                continue
+            for m in mounts:
+                if _under(path, str(m["mountPath"])):
+                    ctx.add(g.obj, f"{cw}.volumeMounts", f"the volume '{m.get('name')}' mounted at {m['mountPath']} "
+                                                        f"hides {path}, {what}, which the image provides: mount "
+                                                        "writable volumes at dedicated paths instead")
+        cache = _expand(env.get("COE_CACHE_DIR", "~/.cache/coe"), env)
+        for m in mounts:
+            if cache.startswith("/") and _under(cache, str(m["mountPath"])) and (cw, c) not in g.extra:
+                ctx.warn(g.obj, f"{cw}.volumeMounts", f"the volume '{m.get('name')}' at {m['mountPath']} hides coe's "
+                                                      f"image cache COE_CACHE_DIR={cache}: ONNX encoder exports built "
+                                                      "into the image are redone at every start")
+        if (c.get("securityContext") or {}).get("readOnlyRootFilesystem") is not True:
+            continue
+        need: list[tuple[str, str]] = []
+        if g.kind in ("ray-head", "ray-worker"):
+            ray_paths = ("/tmp",) if (cw, c) in g.extra or g.kind == "ray-head" else RAY_WRITABLE
+            need += [(f"Ray writes {p}", p) for p in ray_paths]  # KubeRay mounts /tmp/ray in the head pod itself
+        need += [(f"{k}={env[k]}", _expand(env[k], env)) for k in WRITABLE_ENV if k in env]
+        for why, path in need:
+            found = _mount_volume(g, c, path) if path.startswith("/") else None
+            ok = found is not None and not found[0].get("readOnly") and any(k in found[1] for k in WRITABLE_VOLUMES)
+            if not ok:
+                ctx.add(g.obj, f"{cw}.volumeMounts", f"{path} ({why}) is not on a writable volume, and the root "
+                                                     "filesystem is read-only: mount an emptyDir there")
+
+
+# ---------------------------------------------------------------------------------------- network policies
+
+
+def selector_matches(sel: Any, labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels, matchExpressions) against labels; an empty selector matches everything."""
+    if not isinstance(sel, dict):
+        return False
+    for k, v in (sel.get("matchLabels") or {}).items():
+        if labels.get(str(k)) != str(v):
+            return False
+    for e in sel.get("matchExpressions") or []:
+        if not isinstance(e, dict):
+            return False
+        k, op, vals = str(e.get("key")), e.get("operator"), [str(x) for x in e.get("values") or []]
+        if op == "In" and labels.get(k) not in vals:
+            return False
+        if op == "NotIn" and k in labels and labels[k] in vals:
+            return False
+        if op == "Exists" and k not in labels:
+            return False
+        if op == "DoesNotExist" and k in labels:
+            return False
+    return True
+
+
+def _is_everything(sel: Any) -> bool:
+    return isinstance(sel, dict) and not sel.get("matchLabels") and not sel.get("matchExpressions")
+
+
+def _peer_is_everyone(peer: Any) -> bool:
+    """A `from` peer that admits every pod of the namespace, every namespace, or any address."""
+    if not isinstance(peer, dict):
+        return False
+    ip = peer.get("ipBlock")
+    if isinstance(ip, dict):
+        return str(ip.get("cidr")) in ("0.0.0.0/0", "::/0") and not ip.get("except")
+    ns, pods = peer.get("namespaceSelector"), peer.get("podSelector")
+    if ns is not None:
+        return _is_everything(ns) and (pods is None or _is_everything(pods))
+    return pods is not None and _is_everything(pods)
+
+
+def _ingress_policies(ctx: Context, g: PodGroup) -> list[Obj]:
+    out = []
+    for o in ctx.objs:
+        if o.kind != "NetworkPolicy":
+            continue
+        ns = str((o.doc.get("metadata") or {}).get("namespace", ""))
+        spec = o.doc.get("spec") or {}
+        types = spec.get("policyTypes") or ["Ingress"]
+        if ns == g.namespace and "Ingress" in types and selector_matches(spec.get("podSelector"), g.labels):
+            out.append(o)
+    return out
+
+
+def check_network_policies(ctx: Context) -> None:
+    """Each Redis and every Ray pod is selected by a NetworkPolicy with ingress rules; no rule admits every source
+    to them; Redis admits only pods of its namespace; a Ray pod admits other namespaces only on listed ports."""
+    for g in pod_groups(ctx.objs):
+        redis = _is_redis(g)
+        if not (redis or g.kind in ("ray-head", "ray-worker")):
+            continue
+        what = f"Redis '{g.name}'" if redis else g.describe()
+        pols = _ingress_policies(ctx, g)
+        if not pols:
+            ctx.add(g.obj, f"{g.where}.metadata.labels",
+                    f"no NetworkPolicy with ingress rules selects {what}: any pod in the cluster can "
+                    "reach it")
+            continue
+        for pol in pols:
+            for i, rule in enumerate((pol.doc.get("spec") or {}).get("ingress") or []):
+                rule = rule if isinstance(rule, dict) else {}
+                peers = rule.get("from")
+                rw = f"spec.ingress[{i}]"
+                if not peers or any(_peer_is_everyone(p) for p in peers):
+                    ctx.add(pol, f"{rw}.from", f"admits every source to {what}"
+                                               + (": Redis must admit only the Ray pods" if redis else ""))
+                    continue
+                outside = [p for p in peers if isinstance(p, dict) and ("namespaceSelector" in p or "ipBlock" in p)]
+                if redis and outside:
+                    ctx.add(pol, f"{rw}.from", f"admits sources outside the namespace to {what}: Redis must admit "
+                                               "only the Ray pods (podSelector)")
+                elif outside and not rule.get("ports"):
+                    ctx.add(pol, f"{rw}.ports", f"admits every port of {what} to other namespaces: list the ports")
+
+
+def check_disruption_budgets(ctx: Context) -> None:
+    """The Ray head and each worker group are covered by a PodDisruptionBudget."""
+    pdbs = [o for o in ctx.objs if o.kind == "PodDisruptionBudget"]
+    for g in pod_groups(ctx.objs):
+        if g.kind not in ("ray-head", "ray-worker"):
+            continue
+        if not any(selector_matches((p.doc.get("spec") or {}).get("selector"), g.labels)
+                   and str((p.doc.get("metadata") or {}).get("namespace", "")) == g.namespace for p in pdbs):
+            ctx.add(g.obj, f"{g.where}.metadata.labels", f"no PodDisruptionBudget covers {g.describe()}")
+
+
+# ---------------------------------------------------------------------------------------- credentials
+
+
+_CRED_WORDS = {"PASSWORD", "PASSWD", "PASS", "TOKEN", "TOKENS", "KEY", "KEYS", "SECRET", "SECRETS", "CREDENTIAL",
+               "CREDENTIALS", "APIKEY", "PRIVATE"}
+_LOCATION_WORDS = {"FILE", "PATH", "DIR", "NAME", "MODE", "ID", "HEADER", "SECRETNAME"}
+_PASSWORD_FLAGS = ("--requirepass", "--masterauth")
+_REF = re.compile(r"^\$\([A-Za-z_][A-Za-z0-9_]*\)$")
+
+
+def credential_name(name: str) -> bool:
+    """An env var name that holds a credential (HF_TOKEN, REDIS_PASSWORD ...), not its location (..._FILE)."""
+    words = [w for w in re.split(r"[^A-Za-z0-9]+", name.upper()) if w]
+    return bool(words) and any(w in _CRED_WORDS for w in words) and words[-1] not in _LOCATION_WORDS
+
+
+def _url_password(value: str) -> str | None:
+    """The literal password of a URL (scheme://user:password@host), None when absent or a $(VAR) reference."""
+    m = re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^@/]*)@", value)
+    if not m or ":" not in m.group(1):
+        return None
+    pw = m.group(1).split(":", 1)[1]
+    return None if not pw or _REF.match(pw) else pw
+
+
+def _walk_env(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            p = f"{path}.{k}" if path else str(k)
+            if k == "env" and isinstance(v, list):
+                for i, e in enumerate(v):
+                    if isinstance(e, dict):
+                        yield f"{p}[{i}]", e
+            else:
+                yield from _walk_env(v, p)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk_env(v, f"{path}[{i}]")
+
+
+def check_credentials(ctx: Context) -> None:
+    """No credential in plain text: no Secret with data, no credential-named env var with a literal value, no URL
+    or Redis flag with a literal password ($(VAR) references are fine)."""
+    for o in ctx.objs:
+        if o.kind == "Secret":
+            for part in ("data", "stringData"):
+                if (o.doc.get(part) or {}):
+                    ctx.add(o, part, "a Secret with its values in the manifests: credentials must never be "
+                                     "committed - create it out of band (`coe k8s secrets --namespace NS | kubectl "
+                                     f"apply -f -`) and list it in {R.ANN_EXTERNAL_SECRETS}")
+        for p, e in _walk_env(o.doc):
+            name, value = str(e.get("name", "")), e.get("value")
+            if not isinstance(value, str) or not value:
+                continue
+            if credential_name(name) and "$(" not in value:
+                ctx.add(o, f"{p}.value", f"env {name} holds a literal credential: use valueFrom.secretKeyRef (or a "
+                                         "mounted Secret file)")
+            elif _url_password(value) is not None:
+                ctx.add(o, f"{p}.value", f"env {name} is a URL with a literal password: use $(VAR) from a "
+                                         "secretKeyRef env var")
+        for g in pod_groups([o]):
+            for cw, c in _group_containers(g):
+                args = [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
+                for i, a in enumerate(args):
+                    flag, _, inline = a.partition("=")
+                    if flag in _PASSWORD_FLAGS:
+                        val = inline or (args[i + 1] if i + 1 < len(args) else "")
+                        if val and not _REF.match(val):
+                            ctx.add(o, f"{cw}.args", f"{flag} is given a literal password: pass $(VAR) from a "
+                                                     "secretKeyRef env var")
+        if o.kind == "RayService":
+            try:
+                cfg = yaml.safe_load((o.doc.get("spec") or {}).get("serveConfigV2") or "") or {}
+            except yaml.YAMLError:
+                continue
+            for i, app in enumerate(cfg.get("applications") or [] if isinstance(cfg, dict) else []):
+                env_vars = (((app or {}).get("runtime_env") or {}).get("env_vars") or {}) if isinstance(app, dict) else {}
+                for k in env_vars if isinstance(env_vars, dict) else []:
+                    if credential_name(str(k)):
+                        ctx.add(o, f"spec.serveConfigV2: applications[{i}].runtime_env.env_vars.{k}",
+                                "a credential in serveConfigV2 (readable by anyone who can read the RayService): "
+                                "use a Secret in the pod template")
+
+
+# ---------------------------------------------------------------------------------------- Redis and images
+
+
+def _redis_args(g: PodGroup) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for _, c in _group_containers(g):
+        args = [str(a) for a in (c.get("command") or []) + (c.get("args") or [])]
+        for i, a in enumerate(args):
+            if a.startswith("--") and i + 1 < len(args):
+                out[a[2:]] = args[i + 1]
+    return out
+
+
+def _redis_by_host(ctx: Context, host: str) -> PodGroup | None:
+    svc = next((o for o in ctx.objs if o.kind == "Service" and o.name == host.split(".")[0]), None)
+    if svc is None:
+        return None
+    sel = (svc.doc.get("spec") or {}).get("selector") or {}
+    for g in pod_groups(ctx.objs):
+        if sel and _is_redis(g) and selector_matches({"matchLabels": sel}, g.labels):
+            return g
+    return None
+
+
+def check_redis_eviction(ctx: Context, obj: Obj) -> None:
+    """GCS's Redis never evicts; coe's state Redis has a maxmemory and evicts only keys with a TTL."""
+    spec = obj.doc.get("spec") or {}
+    rc = spec.get("rayClusterConfig") or {}
+    gcs = (rc.get("gcsFaultToleranceOptions") or {}).get("redisAddress")
+    if gcs:
+        g = _redis_by_host(ctx, _redis_host_port(str(gcs))[0])
+        policy = _redis_args(g).get("maxmemory-policy", "noeviction") if g else "noeviction"
+        if g and policy != "noeviction":
+            ctx.add(g.obj, f"{g.where}.spec.containers", f"the GCS Redis evicts keys (maxmemory-policy {policy}): "
+                                                         "GCS fault tolerance needs noeviction")
+    urls = {str(e["value"]) for g in pod_groups([obj]) for _, c in _group_containers(g)
+            for e in c.get("env") or [] if isinstance(e, dict) and e.get("name") == "COE_REDIS_URL" and e.get("value")}
+    for url in sorted(urls):
+        g = _redis_by_host(ctx, _redis_host_port(url)[0])
+        if g is None:
+            continue
+        args = _redis_args(g)
+        policy = args.get("maxmemory-policy", "noeviction")
+        if "maxmemory" not in args or not policy.startswith("volatile-"):
+            ctx.add(g.obj, f"{g.where}.spec.containers",
+                    f"coe's state Redis needs --maxmemory and a volatile-* --maxmemory-policy (has "
+                    f"{args.get('maxmemory', 'no maxmemory')}, {policy}): only keys with a TTL (usage counters, "
+                    "rate-limit buckets) may be evicted, never the team API keys")
+
+
+def check_image_pins(ctx: Context) -> None:
+    """A production profile should pin every image by digest (a tag can move under a running cluster)."""
+    prod = [o for o in ctx.objs if o.kind == "RayService"
+            and ((o.doc.get("metadata") or {}).get("annotations") or {}).get(R.ANN_PROFILE) in R.PROD_PROFILES]
+    if not prod:
+        return
+    profile = ((prod[0].doc.get("metadata") or {}).get("annotations") or {}).get(R.ANN_PROFILE)
+    for g in pod_groups(ctx.objs):
+        for cw, c in _group_containers(g):
+            image = c.get("image")
+            if image and "@sha256:" not in str(image):
+                ctx.warn(g.obj, f"{cw}.image", f"'{image}' is a mutable tag in the production profile {profile}: pin "
+                                               "it by digest (options image_digest, gpu_image_digest, "
+                                               "redis_image_digest)")
 
 
 def check_custom_metadata(ctx: Context, obj: Obj) -> None:
@@ -1265,8 +1846,10 @@ def _cross_refs(ctx: Context) -> None:
 
 
 def validate_objects(objs: list[Obj] | list[dict[str, Any]], *, crd_dir: str | Path | None = None,
-                     require_crds: bool = True, config_dirs: Iterable[str | Path] = ()) -> list[str]:
-    """Every problem of a resolved object list ([] = valid). `crd_dir` defaults to :func:`default_crd_dir`."""
+                     require_crds: bool = True, config_dirs: Iterable[str | Path] = (),
+                     warnings: list[str] | None = None) -> list[str]:
+    """Every problem of a resolved object list ([] = valid). `crd_dir` defaults to :func:`default_crd_dir`.
+    Warnings (e.g. a production image not pinned by digest) are appended to `warnings` when given."""
     items = [o if isinstance(o, Obj) else Obj(o, "<memory>") for o in objs]
     d = Path(crd_dir) if crd_dir else default_crd_dir()
     ctx = Context(items, d if crds_available(d) else None, [Path(x) for x in config_dirs] + [Path.cwd(), REPO_ROOT])
@@ -1284,20 +1867,35 @@ def validate_objects(objs: list[Obj] | list[dict[str, Any]], *, crd_dir: str | P
         if o.kind == "RayService" and _is_ray(o):
             check_rayservice(ctx, o)
             _coe_worker_rules(ctx, o)
+            check_redis_eviction(ctx, o)
+            configs = _app_configs(o)
+            for g in pod_groups([o]):
+                check_admin_key(ctx, g)
+                check_paths(ctx, g, configs)
         elif o.kind == "RayCluster" and _is_ray(o):
             check_raycluster(ctx, o)
         elif str(o.doc.get("apiVersion", "")).startswith("monitoring.coreos.com/"):
             check_monitor(ctx, o)
         else:
             check_builtin(ctx, o)
+    for g in pod_groups(items):
+        check_hardening(ctx, g)
+    check_network_policies(ctx)
+    check_disruption_budgets(ctx)
+    check_credentials(ctx)
+    check_image_pins(ctx)
     _cross_refs(ctx)
     if not any(o.kind == "RayService" for o in items):
         ctx.add(None, "", "no RayService in the manifests")
+    if warnings is not None:
+        warnings.extend(ctx.warnings)
     return ctx.problems
 
 
-def validate_tree(path: str | Path, *, crd_dir: str | Path | None = None, require_crds: bool = True) -> list[str]:
-    """Validate each kustomization under `path` (itself, or every overlays/*); problems prefixed by overlay."""
+def validate_tree(path: str | Path, *, crd_dir: str | Path | None = None, require_crds: bool = True,
+                  warnings: list[str] | None = None) -> list[str]:
+    """Validate each kustomization under `path` (itself, or every overlays/*); problems prefixed by overlay.
+    Warnings, prefixed the same way, are appended to `warnings` when given."""
     path = Path(path)
     dirs = kustomization_dirs(path)
     if not dirs:
@@ -1309,6 +1907,9 @@ def validate_tree(path: str | Path, *, crd_dir: str | Path | None = None, requir
         except KustomizeError as err:
             problems.append(f"{d.name}: {err}")
             continue
+        found: list[str] = []
         problems += [f"{d.name}: {p}" for p in validate_objects(objs, crd_dir=crd_dir, require_crds=require_crds,
-                                                                config_dirs=[d])]
+                                                                config_dirs=[d], warnings=found)]
+        if warnings is not None:
+            warnings.extend(f"{d.name}: {w}" for w in found)
     return problems

@@ -52,15 +52,18 @@ def test_cli_validate_whole_tree(crd_dir: Path, capsys: pytest.CaptureFixture[st
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_contents(overlay: str, built: Built) -> None:
     kinds = sorted(o.kind for o in built[overlay])
-    expected = ["Ingress", "PodMonitor", "PodMonitor", "RayService", "Service", "StatefulSet"]
-    if overlay == "cpu-demo":
-        expected += ["Secret", "Secret"]
-    assert kinds == sorted(expected)
+    groups = {"cpu-demo": 1, "gpu-prod": 3}[overlay]
+    expected = (["Ingress", "PodMonitor", "PodMonitor", "RayService", "Service", "Service", "StatefulSet",
+                 "StatefulSet"] + ["NetworkPolicy"] * 3 + ["PodDisruptionBudget"] * (1 + groups))
+    assert kinds == sorted(expected), "no Secret is ever rendered: `coe k8s secrets` creates them"
     ns = {"cpu-demo": "coe-demo", "gpu-prod": "coe"}[overlay]
     assert all(o.doc["metadata"]["namespace"] == ns for o in built[overlay])
-    rc = obj(built[overlay], "RayService")["spec"]["rayClusterConfig"]
+    rs = obj(built[overlay], "RayService")
+    rc = rs["spec"]["rayClusterConfig"]
     assert rc["enableInTreeAutoscaling"] is True and rc["autoscalerOptions"]["version"] == "v2"
     assert rc["gcsFaultToleranceOptions"]["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == R.REDIS_SECRET
+    assert rc["authOptions"] == {"mode": "token"}
+    assert rs["metadata"]["annotations"][R.ANN_EXTERNAL_SECRETS] == "coe-admin-key,coe-redis,coe-state-redis"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -350,12 +353,16 @@ def test_gcs_fault_tolerance_rules(built: Built) -> None:
 # ------------------------------------------------------------------------------------------------ coe's rules
 
 
-def test_coe_state_must_not_share_the_gcs_db(built: Built) -> None:
+@pytest.mark.parametrize("url", ["redis://:$(COE_STATE_REDIS_PASSWORD)@coe-redis:6379/1",
+                                 "redis://:$(COE_STATE_REDIS_PASSWORD)@coe-redis:6379/0", "redis://coe-redis"])
+def test_coe_state_must_not_use_the_gcs_redis(built: Built, url: str) -> None:
+    """Any database of the GCS Redis is refused: coe's counters filling its memory would stop GCS writes."""
     def mutate(d: dict[str, Any], _: list[Obj]) -> None:
         env = worker_container(d)["env"]
-        next(e for e in env if e["name"] == "COE_REDIS_URL")["value"] = "redis://:$(COE_REDIS_PASSWORD)@coe-redis:6379/0"
+        next(e for e in env if e["name"] == "COE_REDIS_URL")["value"] = url
 
-    assert_caught(problems_after(built, "cpu-demo", mutate), "COE_REDIS_URL", "GCS fault tolerance owns DB 0")
+    assert_caught(problems_after(built, "cpu-demo", mutate), "env.COE_REDIS_URL",
+                  "COE_REDIS_URL is on the GCS Redis (coe-redis)", "own Redis")
 
 
 def test_every_container_needs_requests_and_limits(built: Built) -> None:
@@ -370,14 +377,26 @@ def test_every_container_needs_requests_and_limits(built: Built) -> None:
     assert_caught(probs, "StatefulSet/coe-redis", "resources.requests")
 
 
-def test_api_key_secret_and_references(built: Built) -> None:
-    def mutate(_: dict[str, Any], objs: list[Obj]) -> None:
-        objs[:] = [o for o in objs if not (o.kind == "Secret" and o.name == R.API_KEYS_SECRET)]
+def test_secret_and_service_references(built: Built) -> None:
+    def mutate(d: dict[str, Any], objs: list[Obj]) -> None:
+        d["metadata"]["annotations"][R.ANN_EXTERNAL_SECRETS] = "coe-redis,coe-state-redis"
         obj(objs, "Ingress")["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] = "coe-svc"
 
     probs = problems_after(built, "cpu-demo", mutate)
-    assert_caught(probs, "Secret 'coe-api-keys' is neither in the manifests nor declared external")
+    assert_caught(probs, "volumes[3].secret", "Secret 'coe-admin-key' is neither in the manifests nor declared "
+                                              "external")
     assert_caught(probs, "Ingress/coe", "Service 'coe-svc' is not in the manifests")
+
+
+def test_obsolete_api_keys_env_is_refused(built: Built) -> None:
+    """COE_API_KEYS was injected but read by nothing: team keys live in the state Redis now."""
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        worker_container(d, 1)["env"].append(
+            {"name": "COE_API_KEYS", "valueFrom": {"secretKeyRef": {"name": "coe-api-keys", "key": "keys"}}})
+
+    probs = problems_after(built, "gpu-prod", mutate)
+    assert_caught(probs, "workerGroupSpecs[1]", "env.COE_API_KEYS", "read by nothing")
+    assert_caught(probs, "Secret 'coe-api-keys' is neither in the manifests nor declared external")
 
 
 def test_serve_port_mismatch(built: Built) -> None:

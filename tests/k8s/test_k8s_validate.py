@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,6 +18,7 @@ from coe.k8s.validate import (
     KustomizeError,
     Obj,
     build_kustomization,
+    credential_name,
     parse_quantity,
     strict_schema,
     validate_objects,
@@ -474,3 +476,374 @@ def test_parse_quantity(q: Any, v: float) -> None:
 
 def test_objects_without_rayservice() -> None:
     assert_caught(validate_objects([], require_crds=False), "no RayService")
+
+
+# ------------------------------------------------------------------------------------------- access control
+
+
+def _head(d: dict[str, Any]) -> dict[str, Any]:
+    return d["spec"]["rayClusterConfig"]["headGroupSpec"]
+
+
+def _statefulset(objs: list[Obj], name: str) -> dict[str, Any]:
+    return next(o for o in objs if o.kind == "StatefulSet" and o.name == name).doc
+
+
+def _policy(objs: list[Obj], name: str) -> dict[str, Any]:
+    return next(o for o in objs if o.kind == "NetworkPolicy" and o.name == name).doc
+
+
+def _env_entry(c: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(e for e in c["env"] if e["name"] == name)
+
+
+@pytest.mark.parametrize("auth", [None, {"mode": "disabled"}])
+def test_dashboard_on_all_interfaces_needs_token_auth(built: Built, auth: dict[str, str] | None) -> None:
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        if auth is None:
+            del d["spec"]["rayClusterConfig"]["authOptions"]
+        else:
+            d["spec"]["rayClusterConfig"]["authOptions"] = auth
+
+    assert_caught(problems_after(built, "cpu-demo", mutate), "rayClusterConfig.authOptions",
+                  "dashboard-host 0.0.0.0 requires authOptions.mode token")
+
+
+def test_dashboard_default_host_needs_token_auth_too(built: Built) -> None:
+    """KubeRay binds the dashboard to 0.0.0.0 when dashboard-host is not given."""
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        del d["spec"]["rayClusterConfig"]["authOptions"]
+        del _head(d)["rayStartParams"]["dashboard-host"]
+
+    assert_caught(problems_after(built, "gpu-prod", mutate), "requires authOptions.mode token")
+
+
+def test_loopback_dashboard_does_not_need_token_auth(built: Built) -> None:
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        del d["spec"]["rayClusterConfig"]["authOptions"]
+        _head(d)["rayStartParams"]["dashboard-host"] = "127.0.0.1"
+
+    assert not any("authOptions" in p for p in problems_after(built, "cpu-demo", mutate))
+
+
+def test_auth_token_crd_fields(built: Built, crd_dir: Path) -> None:
+    """authOptions is checked against the v1.7 CRD like every field (mode is an enum there)."""
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        d["spec"]["rayClusterConfig"]["authOptions"] = {"mode": "Token", "secretname": "x"}
+
+    probs = problems_after(built, "cpu-demo", mutate, crd_dir)
+    assert_caught(probs, "authOptions.secretname", "did you mean 'secretName'", "KubeRay CRD")
+    assert_caught(probs, "authOptions.mode", "KubeRay CRD")
+
+
+def test_redis_needs_a_network_policy(built: Built) -> None:
+    def mutate(_: dict[str, Any], objs: list[Obj]) -> None:
+        objs[:] = [o for o in objs if not (o.kind == "NetworkPolicy" and o.name == "coe-state-redis")]
+
+    assert_caught(problems_after(built, "cpu-demo", mutate), "StatefulSet/coe-state-redis",
+                  "no NetworkPolicy with ingress rules selects Redis 'coe-state-redis'")
+
+
+def test_ray_pods_need_a_network_policy(built: Built) -> None:
+    def mutate(_: dict[str, Any], objs: list[Obj]) -> None:
+        objs[:] = [o for o in objs if not (o.kind == "NetworkPolicy" and o.name == "coe-ray")]
+
+    probs = problems_after(built, "gpu-prod", mutate)
+    assert_caught(probs, "headGroupSpec.template", "no NetworkPolicy with ingress rules selects the Ray head")
+    assert_caught(probs, "workerGroupSpecs[2].template", "selects Ray worker group 'gpu-2x'")
+
+
+def test_egress_only_policy_does_not_count(built: Built) -> None:
+    def mutate(_: dict[str, Any], objs: list[Obj]) -> None:
+        _policy(objs, "coe-gcs-redis")["spec"]["policyTypes"] = ["Egress"]
+
+    assert_caught(problems_after(built, "cpu-demo", mutate), "selects Redis 'coe-redis'")
+
+
+@pytest.mark.parametrize("rule", [
+    {},
+    {"from": []},
+    {"from": [{"podSelector": {}}]},
+    {"from": [{"namespaceSelector": {}}]},
+    {"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 6379}]},
+])
+def test_no_policy_admits_everything_to_redis(built: Built, rule: dict[str, Any]) -> None:
+    """NetworkPolicies add up: one open rule in any policy selecting Redis opens it to everyone."""
+    def mutate(_: dict[str, Any], objs: list[Obj]) -> None:
+        _policy(objs, "coe-gcs-redis")["spec"]["ingress"].append(rule)
+
+    assert_caught(problems_after(built, "cpu-demo", mutate), "NetworkPolicy/coe-gcs-redis", "spec.ingress[1].from",
+                  "admits every source to Redis 'coe-redis'")
+
+
+def test_redis_admits_only_pods_of_its_namespace(built: Built) -> None:
+    def mutate(_: dict[str, Any], objs: list[Obj]) -> None:
+        _policy(objs, "coe-state-redis")["spec"]["ingress"][0]["from"].append(
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}})
+
+    assert_caught(problems_after(built, "gpu-prod", mutate), "NetworkPolicy/coe-state-redis",
+                  "outside the namespace to Redis 'coe-state-redis'")
+
+
+def test_ray_pods_admit_other_namespaces_only_on_listed_ports(built: Built) -> None:
+    def mutate(_: dict[str, Any], objs: list[Obj]) -> None:
+        rules = _policy(objs, "coe-ray")["spec"]["ingress"]
+        del rules[1]["ports"]  # the Ingress controller's namespace, now on every Ray port
+        rules.append({"from": [{"namespaceSelector": {}}], "ports": [{"port": 8265}]})
+
+    probs = problems_after(built, "cpu-demo", mutate)
+    assert_caught(probs, "NetworkPolicy/coe-ray", "spec.ingress[1].ports", "admits every port of the Ray head")
+    assert_caught(probs, "NetworkPolicy/coe-ray", "spec.ingress[4].from", "admits every source")
+
+
+@pytest.mark.parametrize(("where", "fragment"), [
+    ("worker", "readOnlyRootFilesystem: true"),
+    ("head", "allowPrivilegeEscalation: false"),
+    ("autoscaler", "capabilities.drop: [ALL]"),
+    ("redis", "runAsUser (numeric"),
+    ("redis-root", "runAsUser other than 0"),
+    ("seccomp", "seccompProfile.type: RuntimeDefault"),
+    ("nonroot", "runAsNonRoot: true"),
+])
+def test_every_container_is_hardened(built: Built, where: str, fragment: str) -> None:
+    def mutate(d: dict[str, Any], objs: list[Obj]) -> None:
+        redis = _statefulset(objs, "coe-state-redis")["spec"]["template"]["spec"]
+        if where == "worker":
+            worker_container(d)["securityContext"]["readOnlyRootFilesystem"] = False
+        elif where == "head":
+            del _head(d)["template"]["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"]
+        elif where == "autoscaler":
+            d["spec"]["rayClusterConfig"]["autoscalerOptions"]["securityContext"]["capabilities"] = {"add": ["NET_RAW"]}
+        elif where == "redis":
+            del redis["securityContext"]["runAsUser"]
+        elif where == "redis-root":
+            redis["containers"][0]["securityContext"]["runAsUser"] = 0
+        elif where == "seccomp":
+            del redis["securityContext"]["seccompProfile"]
+        elif where == "nonroot":
+            worker_container(d)["securityContext"]["runAsNonRoot"] = False
+
+    probs = problems_after(built, "cpu-demo", mutate)
+    assert_caught(probs, "securityContext", "is not hardened", fragment)
+
+
+def test_pod_level_settings_count_for_every_container(built: Built) -> None:
+    """runAsNonRoot, runAsUser and seccompProfile may come from the pod; the container may override them."""
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        pod = worker_groups(d)[0]["template"]["spec"]["securityContext"]
+        worker_container(d)["securityContext"]["seccompProfile"] = pod.pop("seccompProfile")
+
+    assert not any("not hardened" in p for p in problems_after(built, "cpu-demo", mutate))
+
+
+def test_writable_paths_need_volumes(built: Built) -> None:
+    """With a read-only root filesystem, Ray's /tmp and every cache the env names must be on a writable volume."""
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        c = worker_container(d, 1)
+        c["volumeMounts"] = [m for m in c["volumeMounts"] if m["mountPath"] != "/tmp"]
+        _env_entry(c, "HF_HOME")["value"] = "/home/ray/hf"
+        for m in c["volumeMounts"]:
+            if m["name"] == "cache":
+                m["readOnly"] = True
+
+    probs = problems_after(built, "gpu-prod", mutate)
+    assert_caught(probs, "workerGroupSpecs[1]", "/tmp (Ray writes /tmp) is not on a writable volume")
+    assert_caught(probs, "workerGroupSpecs[1]", "/home/ray/hf (HF_HOME=/home/ray/hf) is not on a writable volume")
+    assert_caught(probs, "workerGroupSpecs[1]", "/var/cache/coe/models (COE_MODEL_CACHE_DIR")
+
+
+def test_old_cache_mount_hiding_the_router_artifact_is_caught(built: Built) -> None:
+    """The bug this rule exists for: cpu-demo mounted an emptyDir at /home/ray/.cache, hiding the router artifact
+    Dockerfile.cpu builds at ~/.cache/coe/routers/cpu-default-v5, so the ingress could not start."""
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        c = worker_container(d)
+        c["volumeMounts"].append({"name": "model-cache", "mountPath": "/home/ray/.cache"})
+        worker_groups(d)[0]["template"]["spec"]["volumes"].append({"name": "model-cache", "emptyDir": {"sizeLimit": "10Gi"}})
+
+    probs = problems_after(built, "cpu-demo", mutate)
+    assert_caught(probs, "workerGroupSpecs[0].template.spec.containers[0].volumeMounts",
+                  "'model-cache' mounted at /home/ray/.cache hides /home/ray/.cache/coe/routers/cpu-default-v5",
+                  "router.artifact")
+
+
+@pytest.mark.parametrize("mount", ["/home/ray/.cache/coe/routers/cpu-default-v5", "/home/ray", "/home/ray/.cache/"])
+def test_any_mount_at_or_above_the_artifact_is_caught(built: Built, mount: str) -> None:
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        _head(d)["template"]["spec"]["containers"][0]["volumeMounts"].append({"name": "cache", "mountPath": mount})
+
+    assert_caught(problems_after(built, "cpu-demo", mutate), "headGroupSpec", f"mounted at {mount}", "hides",
+                  "router.artifact")
+
+
+def test_artifact_path_follows_home_and_env(built: Built) -> None:
+    """`~` is the pod's HOME and $VARs are the pod's env, as coe expands them."""
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        def edit(c: dict[str, Any]) -> None:
+            c["applications"][0]["args"]["config_inline"]["router"]["artifact"] = "$COE_ROUTERS/demo"
+
+        edit_serve_config(d, edit)
+        worker_container(d)["env"].append({"name": "COE_ROUTERS", "value": "/var/cache/coe/routers"})
+
+    assert_caught(problems_after(built, "cpu-demo", mutate), "'cache' mounted at /var/cache/coe hides "
+                                                             "/var/cache/coe/routers/demo")
+
+
+def test_expert_source_path_must_not_be_hidden(built: Built) -> None:
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        def edit(c: dict[str, Any]) -> None:
+            c["applications"][0]["args"]["config_inline"]["experts"][0]["source"] = {"path": "/tmp/models/g.gguf"}
+
+        edit_serve_config(d, edit)
+
+    assert_caught(problems_after(built, "cpu-demo", mutate), "'tmp' mounted at /tmp hides /tmp/models/g.gguf",
+                  "experts[0].source.path (general)")
+
+
+def test_mount_over_the_image_cache_is_a_warning(built: Built) -> None:
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        _env_entry(worker_container(d), "COE_CACHE_DIR")["value"] = "/var/cache/coe/coe"
+
+    objs = copy.deepcopy(built["cpu-demo"])
+    mutate(next(o for o in objs if o.kind == "RayService").doc, objs)
+    warnings: list[str] = []
+    assert validate_objects(objs, require_crds=False, warnings=warnings) == []
+    assert_caught(warnings, "hides coe's image cache COE_CACHE_DIR=/var/cache/coe/coe")
+
+
+def test_every_ray_pod_carries_the_admin_key(built: Built) -> None:
+    """Ray may place an ingress replica on any pod with spare CPU, GPU pods included."""
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        c = worker_container(d, 2)
+        c["env"] = [e for e in c["env"] if e["name"] != "COE_ADMIN_KEY_FILE"]
+
+    assert_caught(problems_after(built, "gpu-prod", mutate), "workerGroupSpecs[2]",
+                  "COE_ADMIN_KEY_FILE is not set on Ray worker group 'gpu-2x'", "without API keys")
+
+
+def test_admin_key_file_must_be_a_mounted_secret(built: Built) -> None:
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        _env_entry(worker_container(d), "COE_ADMIN_KEY_FILE")["value"] = "/tmp/admin-key"
+        for m in _head(d)["template"]["spec"]["containers"][0]["volumeMounts"]:
+            if m["name"] == "admin-key":
+                m["readOnly"] = False
+
+    probs = problems_after(built, "cpu-demo", mutate)
+    assert_caught(probs, "workerGroupSpecs[0]", "'/tmp/admin-key' is not in a mounted Secret volume")
+    assert_caught(probs, "headGroupSpec", "the admin key mount at /etc/coe/secrets must be readOnly")
+
+
+def test_admin_key_never_literal_and_auth_never_off(built: Built) -> None:
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        c = worker_container(d)
+        c["env"] = [e for e in c["env"] if e["name"] != "COE_ADMIN_KEY_FILE"]
+        c["env"] += [{"name": "COE_ADMIN_KEY", "value": "0123456789abcdef0123"},
+                     {"name": "COE_INSECURE_NO_AUTH", "value": "true"}]
+
+    probs = problems_after(built, "cpu-demo", mutate)
+    assert_caught(probs, "env.COE_ADMIN_KEY", "must come from a Secret")
+    assert_caught(probs, "env.COE_INSECURE_NO_AUTH", "not allowed")
+    assert_caught(probs, "env[", "env COE_ADMIN_KEY holds a literal credential")
+
+
+def test_head_and_every_worker_group_have_a_disruption_budget(built: Built) -> None:
+    def mutate(_: dict[str, Any], objs: list[Obj]) -> None:
+        objs[:] = [o for o in objs if not (o.kind == "PodDisruptionBudget" and o.name in ("coe-ray-head",
+                                                                                          "coe-ray-worker-gpu-1x"))]
+
+    probs = problems_after(built, "gpu-prod", mutate)
+    assert_caught(probs, "headGroupSpec.template", "no PodDisruptionBudget covers the Ray head")
+    assert_caught(probs, "workerGroupSpecs[1].template", "no PodDisruptionBudget covers Ray worker group 'gpu-1x'")
+    assert not any("'gpu-2x'" in p for p in probs)
+
+
+def test_plaintext_secret_objects_are_refused(built: Built) -> None:
+    """The committed cpu-demo Secrets (coe-demo-key ...) must never come back."""
+    def mutate(_: dict[str, Any], objs: list[Obj]) -> None:
+        objs += [Obj(doc, "<test>") for doc in R.generated_secrets("coe-demo")]
+
+    probs = problems_after(built, "cpu-demo", mutate)
+    for name in R.required_secrets():
+        assert_caught(probs, f"Secret/{name}: stringData", "credentials must never be committed", "coe k8s secrets")
+
+
+@pytest.mark.parametrize(("name", "value", "fragment"), [
+    ("HF_TOKEN", "hf_abcdef", "env HF_TOKEN holds a literal credential"),
+    ("REDIS_PASSWORD", "hunter2", "env REDIS_PASSWORD holds a literal credential"),
+    ("OPENAI_API_KEY", "sk-123", "env OPENAI_API_KEY holds a literal credential"),
+    ("COE_REDIS_URL", "redis://:hunter2@coe-state-redis:6379/0", "env COE_REDIS_URL is a URL with a literal password"),
+    ("BACKUP_URL", "rediss://default:pw@example:6380", "is a URL with a literal password"),
+])
+def test_plaintext_credentials_in_env_are_refused(built: Built, name: str, value: str, fragment: str) -> None:
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        c = worker_container(d)
+        c["env"] = [e for e in c["env"] if e["name"] != name] + [{"name": name, "value": value}]
+
+    assert_caught(problems_after(built, "cpu-demo", mutate), "workerGroupSpecs[0]", fragment)
+
+
+def test_redis_password_flag_must_be_a_reference(built: Built) -> None:
+    def mutate(_: dict[str, Any], objs: list[Obj]) -> None:
+        _statefulset(objs, "coe-redis")["spec"]["template"]["spec"]["containers"][0]["args"][1] = "hunter2"
+
+    assert_caught(problems_after(built, "cpu-demo", mutate), "StatefulSet/coe-redis",
+                  "--requirepass is given a literal password")
+
+
+def test_credential_in_serve_config_is_refused(built: Built) -> None:
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        edit_serve_config(d, lambda c: c["applications"][0].update(runtime_env={"env_vars": {"COE_ADMIN_KEY": "x"}}))
+
+    assert_caught(problems_after(built, "cpu-demo", mutate), "runtime_env.env_vars.COE_ADMIN_KEY",
+                  "a credential in serveConfigV2")
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("HF_TOKEN", True), ("REDIS_PASSWORD", True), ("COE_ADMIN_KEY", True), ("AWS_SECRET_ACCESS_KEY", True),
+    ("COE_ADMIN_KEY_FILE", False), ("RAY_AUTH_TOKEN_PATH", False), ("TOKENIZERS_PARALLELISM", False),
+    ("COE_REDIS_URL", False), ("HF_HOME", False), ("KEYCLOAK_HOST", False),
+])
+def test_credential_names(name: str, expected: bool) -> None:
+    assert credential_name(name) is expected
+
+
+def test_state_redis_eviction_policy(built: Built) -> None:
+    """coe's state Redis may evict only keys with a TTL (never team API keys); the GCS Redis never evicts."""
+    def mutate(_: dict[str, Any], objs: list[Obj]) -> None:
+        args = _statefulset(objs, "coe-state-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
+        args[args.index("--maxmemory-policy") + 1] = "allkeys-lru"
+        gcs = _statefulset(objs, "coe-redis")["spec"]["template"]["spec"]["containers"][0]["args"]
+        gcs[gcs.index("--maxmemory-policy") + 1] = "volatile-lru"
+
+    probs = problems_after(built, "gpu-prod", mutate)
+    assert_caught(probs, "StatefulSet/coe-state-redis", "volatile-* --maxmemory-policy", "allkeys-lru")
+    assert_caught(probs, "StatefulSet/coe-redis", "GCS fault tolerance needs noeviction")
+
+
+def test_production_images_must_be_pinned_by_digest(crd_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """gpu-prod's placeholder images are tags: a warning, an error with --strict; cpu-demo does not warn."""
+    warnings: list[str] = []
+    assert validate_tree(K8S / "overlays" / "gpu-prod", crd_dir=crd_dir, warnings=warnings) == []
+    assert_caught(warnings, "gpu-prod: RayService/coe", "workerGroupSpecs[1]", "'ghcr.io/coe-project/coe:0.1.0-gpu' "
+                  "is a mutable tag in the production profile gpu-prod", "gpu_image_digest")
+    assert_caught(warnings, "StatefulSet/coe-state-redis", "'redis:7.4-alpine' is a mutable tag")
+    demo: list[str] = []
+    assert validate_tree(K8S / "overlays" / "cpu-demo", crd_dir=crd_dir, warnings=demo) == [] and demo == []
+    assert k8s_main(["k8s", "validate", str(K8S / "overlays" / "gpu-prod"), "--crds", str(crd_dir)]) == 0
+    assert "warning: gpu-prod: " in capsys.readouterr().err
+    assert k8s_main(["k8s", "validate", str(K8S / "overlays" / "gpu-prod"), "--crds", str(crd_dir), "--strict"]) == 1
+    assert "mutable tag in the production profile gpu-prod: pin it by digest" in capsys.readouterr().err
+
+
+def test_digest_pinned_production_render_has_no_warning(tmp_path: Path) -> None:
+    digests = {k: "sha256:" + c * 64 for k, c in (("image_digest", "a"), ("gpu_image_digest", "b"),
+                                                     ("redis_image_digest", "c"))}
+    options = R.cluster_options("gpu-prod", digests)
+    files = {**R.render_base(options), **R.render_overlay(load_config("gpu-experts"), options,
+                                                          config_ref="gpu-experts", profile="gpu-prod")}
+    R.write_tree(files, tmp_path)
+    warnings: list[str] = []
+    assert validate_tree(tmp_path, require_crds=False, warnings=warnings) == []
+    assert warnings == []
+    text = (tmp_path / "overlays/gpu-prod/rayservice.yaml").read_text()
+    assert "image: ghcr.io/coe-project/coe:0.1.0-gpu@sha256:" + "b" * 64 in text
+    assert "redis:7.4-alpine@sha256:" + "c" * 64 in (tmp_path / "base/redis.yaml").read_text()

@@ -150,3 +150,78 @@ def test_coe_k8s_imports_neither_deployments_nor_test_extras() -> None:
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_no_credential_is_committed() -> None:
+    """No Secret object, demo value or obsolete API-key variable anywhere in the generated tree."""
+    for rel, text in _committed_files().items():
+        assert "kind: Secret" not in text, rel
+        for gone in ("coe-demo-key", "coe-demo-redis-password", "COE_API_KEYS", "coe-api-keys", "stringData"):
+            assert gone not in text, f"{rel} contains {gone}"
+    assert not (K8S / "overlays" / "cpu-demo" / "secrets.yaml").exists()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_coe_state_redis_is_not_the_gcs_redis(overlay: str) -> None:
+    rs = yaml.safe_load((K8S / "overlays" / overlay / "rayservice.yaml").read_text())
+    rc = rs["spec"]["rayClusterConfig"]
+    assert rc["gcsFaultToleranceOptions"]["redisAddress"] == "coe-redis:6379"
+    for g in rc["workerGroupSpecs"]:
+        env = {e["name"]: e for e in g["template"]["spec"]["containers"][0]["env"]}
+        assert env["COE_REDIS_URL"]["value"] == "redis://:$(COE_STATE_REDIS_PASSWORD)@coe-state-redis:6379/0"
+        assert env["COE_STATE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "coe-state-redis",
+                                                                               "key": "password"}
+        assert env["COE_ADMIN_KEY_FILE"]["value"] == "/etc/coe/secrets/admin-key"
+    with pytest.raises(ConfigError, match="state_redis_host must not be the GCS Redis"):
+        R.cluster_options(overlay, {"state_redis_host": "coe-redis"})
+
+
+def test_image_digest_options_are_validated() -> None:
+    with pytest.raises(ConfigError, match="image_digest: .*64 lowercase hex"):
+        R.cluster_options("gpu-prod", {"image_digest": "sha256:abc"})
+    with pytest.raises(ConfigError, match="give the digest in gpu_image_digest"):
+        R.cluster_options("gpu-prod", {"gpu_image": "registry/coe@sha256:" + "0" * 64})
+    opts = R.cluster_options("gpu-prod", {"image_digest": "sha256:" + "0" * 64})
+    assert opts.image_ref() == "ghcr.io/coe-project/coe:0.1.0-cpu@sha256:" + "0" * 64
+    assert opts.image_ref(gpu=True) == "ghcr.io/coe-project/coe:0.1.0-gpu"
+
+
+def test_network_policy_namespaces_are_options() -> None:
+    config = load_config("gpu-experts")
+    opts = R.cluster_options("gpu-prod", {"ingress_namespace_selector": {"team": "edge"},
+                                          "monitoring_namespace_selector": None})
+    ray = next(p for p in R.network_policies(config, opts) if p["metadata"]["name"] == "coe-ray")
+    rules = ray["spec"]["ingress"]
+    assert rules[1] == {"from": [{"namespaceSelector": {"matchLabels": {"team": "edge"}}}],
+                        "ports": [{"protocol": "TCP", "port": 8000}]}
+    assert len(rules) == 3, "no scraping rule without a monitoring namespace"
+    default = R.cluster_options("gpu-prod")
+    assert default.ingress_namespace_selector == {"kubernetes.io/metadata.name": "ingress-nginx"}
+
+
+def test_cli_secrets_prints_fresh_random_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert k8s_main(["k8s", "secrets", "--namespace", "coe-demo"]) == 0
+    first = capsys.readouterr()
+    docs = [d for d in yaml.safe_load_all(first.out) if d]
+    assert sorted(d["metadata"]["name"] for d in docs) == R.required_secrets()
+    assert all(d["kind"] == "Secret" and d["metadata"]["namespace"] == "coe-demo" for d in docs)
+    values = {d["metadata"]["name"]: d["stringData"] for d in docs}
+    for name in (R.REDIS_SECRET, R.STATE_REDIS_SECRET):
+        pw = values[name]["password"]
+        assert len(pw) == 64 and all(ch in "0123456789abcdef" for ch in pw), "hex: it goes into COE_REDIS_URL"
+    assert len(values[R.ADMIN_KEY_SECRET]["admin-key"]) >= 40
+    assert "kubectl -n coe-demo get secret coe-admin-key -o jsonpath='{.data.admin-key}' | base64 -d" in first.err
+    assert "coe-hf-token" not in first.err
+    assert k8s_main(["k8s", "secrets", "--namespace", "coe", "--profile", "gpu-prod"]) == 0
+    second = capsys.readouterr()
+    again = {d["metadata"]["name"]: d["stringData"] for d in yaml.safe_load_all(second.out) if d}
+    assert all(again[n] != values[n] for n in values), "every run generates new values"
+    assert "create secret generic coe-hf-token" in second.err
+
+
+def test_readme_deploys_with_generated_secrets() -> None:
+    readme = (K8S / "README.md").read_text()
+    assert "coe k8s secrets --namespace coe-demo | kubectl apply -f -" in readme
+    assert "coe k8s secrets --namespace coe --profile gpu-prod | kubectl apply -f -" in readme
+    for gone in ("coe-api-keys", "demo Secrets", "database 1", "secrets.yaml"):
+        assert gone not in readme, f"k8s/README.md still mentions {gone}"

@@ -13,8 +13,13 @@ human-readable problems (empty: valid). The checks:
   schema types, every ``import_path`` imports and builds with its ``args``, every deployment the app builds
   fits a worker group (and the minimum replicas fit the cluster), the config it carries is not stale.
 * coe's rules: autoscaler v2 on, no workloads on the head, GPU groups with GPU limits, tolerations and
-  node selectors, requests and limits on every container, the ingress readiness probe, coe's Redis DB apart
-  from GCS's, Secrets and Services referenced exist.
+  node selectors, requests and limits on every container, the ingress readiness probe, coe's state Redis apart
+  from GCS's (and their eviction policies), Secrets and Services referenced exist.
+* Access control and hardening: Ray token authentication when the dashboard listens on the pod IP, the admin
+  key from a mounted Secret on every Ray pod, NetworkPolicies around the Ray pods and each Redis, hardened
+  containers (non-root, no escalation, no capabilities, RuntimeDefault seccomp, read-only root filesystem) with
+  writable volumes where they write, no mount hiding a path the coe config reads from the image,
+  PodDisruptionBudgets, no credential in plain text; a warning for production images not pinned by digest.
 
 jsonschema and kubernetes_validate are imported lazily (they are test/ops extras).
 """
@@ -1263,8 +1268,9 @@ def _coe_worker_rules(ctx: Context, obj: Obj) -> None:
     for g in pod_groups([obj]):
         for cw, c in _group_containers(g):
             if "COE_API_KEYS" in _env(c):
-                ctx.add(obj, f"{cw}.env.COE_API_KEYS", "COE_API_KEYS is read by nothing: team API keys live in coe's "
-                                                        "state Redis (created over HTTP with the admin key) - remove it")
+                ctx.add(obj, f"{cw}.env.COE_API_KEYS", "COE_API_KEYS is read by nothing: team API keys live in "
+                                                        "coe's state Redis (created over HTTP with the admin key) "
+                                                        "- remove it")
         if g.kind != "ray-worker":
             continue
         rcw = _ray_container(g)
@@ -1322,7 +1328,8 @@ def _mount_volume(g: PodGroup, c: dict[str, Any], path: str) -> tuple[dict[str, 
     for m in c.get("volumeMounts") or []:
         if not isinstance(m, dict) or not m.get("mountPath"):
             continue
-        if _under(path, str(m["mountPath"])) and (best is None or len(str(m["mountPath"])) > len(str(best[0]["mountPath"]))):
+        deeper = best is None or len(str(m["mountPath"])) > len(str(best[0]["mountPath"]))
+        if _under(path, str(m["mountPath"])) and deeper:
             best = (m, vols.get(m.get("name")) or {})
     return best
 
@@ -1534,17 +1541,17 @@ def _is_everything(sel: Any) -> bool:
     return isinstance(sel, dict) and not sel.get("matchLabels") and not sel.get("matchExpressions")
 
 
-def _peer_is_everyone(peer: Any) -> bool:
-    """A `from` peer that admits every pod of the namespace, every namespace, or any address."""
+def _peer_is_everyone(peer: Any) -> str | None:
+    """What an open `from` peer admits (every pod of the namespace, every namespace, any address), else None."""
     if not isinstance(peer, dict):
-        return False
+        return None
     ip = peer.get("ipBlock")
     if isinstance(ip, dict):
-        return str(ip.get("cidr")) in ("0.0.0.0/0", "::/0") and not ip.get("except")
+        return "any address" if str(ip.get("cidr")) in ("0.0.0.0/0", "::/0") and not ip.get("except") else None
     ns, pods = peer.get("namespaceSelector"), peer.get("podSelector")
     if ns is not None:
-        return _is_everything(ns) and (pods is None or _is_everything(pods))
-    return pods is not None and _is_everything(pods)
+        return "every pod of every namespace" if _is_everything(ns) and (pods is None or _is_everything(pods)) else None
+    return "every pod of the namespace" if pods is not None and _is_everything(pods) else None
 
 
 def _ingress_policies(ctx: Context, g: PodGroup) -> list[Obj]:
@@ -1579,8 +1586,9 @@ def check_network_policies(ctx: Context) -> None:
                 rule = rule if isinstance(rule, dict) else {}
                 peers = rule.get("from")
                 rw = f"spec.ingress[{i}]"
-                if not peers or any(_peer_is_everyone(p) for p in peers):
-                    ctx.add(pol, f"{rw}.from", f"admits every source to {what}"
+                open_to = ["any source (no 'from')"] if not peers else [x for x in map(_peer_is_everyone, peers) if x]
+                if open_to:
+                    ctx.add(pol, f"{rw}.from", f"admits every source to {what} ({open_to[0]})"
                                                + (": Redis must admit only the Ray pods" if redis else ""))
                     continue
                 outside = [p for p in peers if isinstance(p, dict) and ("namespaceSelector" in p or "ipBlock" in p)]
@@ -1678,7 +1686,8 @@ def check_credentials(ctx: Context) -> None:
             except yaml.YAMLError:
                 continue
             for i, app in enumerate(cfg.get("applications") or [] if isinstance(cfg, dict) else []):
-                env_vars = (((app or {}).get("runtime_env") or {}).get("env_vars") or {}) if isinstance(app, dict) else {}
+                runtime_env = (app.get("runtime_env") or {}) if isinstance(app, dict) else {}
+                env_vars = runtime_env.get("env_vars") or {} if isinstance(runtime_env, dict) else {}
                 for k in env_vars if isinstance(env_vars, dict) else []:
                     if credential_name(str(k)):
                         ctx.add(o, f"spec.serveConfigV2: applications[{i}].runtime_env.env_vars.{k}",

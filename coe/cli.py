@@ -57,22 +57,46 @@ def ensure_router_artifact(config: CoeConfig, *, demo_ok: bool) -> None:
     save_artifact(path, model)
 
 
+def auth_notice(host: str, *, insecure_no_auth: bool = False) -> str:
+    """One line on whether keys are required; ConfigError for an open endpoint on a non-loopback address."""
+    from coe.config import RuntimeSettings
+    from coe.errors import ConfigError
+    from deployments.ingress import is_loopback
+
+    settings = RuntimeSettings()
+    if settings.admin_key_value() is not None:
+        where = "Redis (COE_REDIS_URL)" if settings.redis_url else "this process (lost on restart; set COE_REDIS_URL)"
+        return f"auth: ON: every request needs an API key (create one: coe keys create --team NAME); keys in {where}"
+    if is_loopback(host):
+        return (f"auth: OFF: open endpoint on loopback ({host}) only; set COE_ADMIN_KEY to require API keys")
+    if insecure_no_auth:
+        return f"auth: OFF on {host} (--insecure-no-auth): ANYONE who reaches this address can use every expert"
+    raise ConfigError(
+        f"refusing to serve on {host} without authentication: set COE_ADMIN_KEY (or COE_ADMIN_KEY_FILE) and create "
+        "team keys with `coe keys create`, bind to 127.0.0.1, or pass --insecure-no-auth to serve an open endpoint")
+
+
 def start_local_serve(
     config_ref: str | CoeConfig, *, port: int | None = None, num_cpus: int | None = None, dashboard: bool = True,
-    log_to_driver: bool = True,
+    log_to_driver: bool = True, insecure_no_auth: bool = False,
 ) -> dict[str, Any]:
-    """Start a local Ray bound to loopback, deploy coe, wait until ready. Returns {url, app_name}.
+    """Start a local Ray bound to loopback, deploy coe, wait until ready. Returns {url, app_name, auth}.
 
     `log_to_driver` False keeps the replicas' logs in Ray's log files only (benchmarks with a progress bar).
+    Refuses (ConfigError) to serve without keys on a non-loopback address unless `insecure_no_auth`.
     """
     _loopback_ray_env()
+    from coe.config import CoeConfig, load_config
+
+    config = config_ref.model_copy(deep=True) if isinstance(config_ref, CoeConfig) else load_config(config_ref)
+    if insecure_no_auth:
+        os.environ["COE_INSECURE_NO_AUTH"] = "1"  # Ray's workers inherit the driver's environment at ray.init
+    notice = auth_notice(config.server.host, insecure_no_auth=insecure_no_auth)
     import ray
     from ray import serve
 
-    from coe.config import CoeConfig, load_config
     from deployments.app import build_from_config
 
-    config = config_ref.model_copy(deep=True) if isinstance(config_ref, CoeConfig) else load_config(config_ref)
     ensure_router_artifact(config, demo_ok=config_ref == "cpu-default")
     if port is not None:
         config.server.port = port
@@ -94,7 +118,20 @@ def start_local_serve(
     )
     serve.run(build_from_config(config), name=config.app_name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
-    return {"url": f"http://{host}:{config.server.port}", "app_name": config.app_name}
+    return {"url": f"http://{host}:{config.server.port}", "app_name": config.app_name, "auth": notice}
+
+
+def ray_token_hint() -> str:
+    """Where the Ray dashboard's token is (Ray 2.60 asks for it), or '' when token auth is off."""
+    from pathlib import Path
+
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if mode == "disabled":
+        return ""
+    if path.exists() or mode == "token":
+        return f"token: `ray get-auth-token` or the file {path}"
+    return ""
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -108,11 +145,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        info = start_local_serve(args.config, port=args.port, num_cpus=args.num_cpus)
+        info = start_local_serve(args.config, port=args.port, num_cpus=args.num_cpus,
+                                 insecure_no_auth=args.insecure_no_auth)
         ok = _wait_ready(info["url"], timeout=args.ready_timeout)
         print(f"coe is serving at {info['url']}/v1 ({'ready' if ok else 'NOT ready'} after {time.time() - t0:.1f}s)")
+        print(f"  {info['auth']}")
         print(f"  try: coe chat 'Write a Python function that reverses a string' --url {info['url']}")
-        print("  Ray dashboard: http://127.0.0.1:8265   stop: Ctrl-C", flush=True)
+        hint = ray_token_hint()
+        print(f"  Ray dashboard: http://127.0.0.1:8265{f' ({hint})' if hint else ''}   stop: Ctrl-C", flush=True)
         while not stop.wait(1.0):
             pass
     except KeyboardInterrupt:
@@ -143,12 +183,19 @@ def _wait_ready(url: str, timeout: float) -> bool:
 def cmd_status(args: argparse.Namespace) -> int:
     import httpx
 
+    from coe.admin_cli import auth_headers, client_key
+
+    headers = auth_headers(client_key(args.api_key))
     try:
         ready = httpx.get(f"{args.url}/ready", timeout=10)
-        models = httpx.get(f"{args.url}/v1/models", timeout=10).json()
+        r = httpx.get(f"{args.url}/v1/models", timeout=10, headers=headers)
     except httpx.HTTPError as err:
         print(f"coe is not reachable at {args.url}: {err}", file=sys.stderr)
         return 1
+    if r.status_code in (401, 403):
+        print(f"coe at {args.url} needs an API key: pass --api-key or set COE_API_KEY", file=sys.stderr)
+        return 1
+    models = r.json()
     state = ready.json()
     print(f"coe at {args.url}: {'READY' if state.get('ready') else 'NOT READY'}")
     info = {m["id"]: m for m in models.get("data", [])}
@@ -158,7 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{name:<16}{e['status']:<14}{e['running_replicas']:>9}  {m.get('engine', '?'):<10}"
               f"{m.get('price_per_1k_tokens', 0):>9.4f}  {m.get('description', '')}")
     try:
-        coe_state = httpx.get(f"{args.url}/v1/coe/state", timeout=10).json()
+        coe_state = httpx.get(f"{args.url}/v1/coe/state", timeout=10, headers=headers).json()
     except (httpx.HTTPError, ValueError):
         coe_state = {}
     ctrl = coe_state.get("controller") or {}
@@ -190,8 +237,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "stream": True,
     }
+    from coe.admin_cli import auth_headers, client_key
+
     try:
-        with httpx.stream("POST", f"{args.url}/v1/chat/completions", json=body, timeout=300) as r:
+        with httpx.stream("POST", f"{args.url}/v1/chat/completions", json=body, timeout=300,
+                          headers=auth_headers(client_key(args.api_key))) as r:
             if r.status_code != 200:
                 r.read()
                 print(f"error {r.status_code}: {r.text}", file=sys.stderr)
@@ -223,10 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
     s.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
     s.add_argument("--ready-timeout", type=float, default=300.0)
+    s.add_argument("--insecure-no-auth", action="store_true",
+                   help="serve without API keys on a non-loopback address (refused otherwise)")
     s.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("status", help="readiness and experts of a running coe")
     st.add_argument("--url", default=DEFAULT_URL)
+    st.add_argument("--api-key", default=None, help="default: $COE_API_KEY, else the admin key from the environment")
     st.set_defaults(func=cmd_status)
 
     c = sub.add_parser("chat", help="send one chat message and stream the answer")
@@ -234,12 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="coe-auto")
     c.add_argument("--max-tokens", type=int, default=256)
     c.add_argument("--url", default=DEFAULT_URL)
+    c.add_argument("--api-key", default=None, help="default: $COE_API_KEY, else the admin key from the environment")
     c.set_defaults(func=cmd_chat)
 
     # Training code is imported only for `coe router ...`, never on the serving path.
+    from coe.admin_cli import add_admin_parsers
     from coe.k8s.cli import add_k8s_parser
     from router_models.cli import add_router_parser
 
+    add_admin_parsers(sub)
     add_router_parser(sub)
     add_k8s_parser(sub)
     return p

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coe.errors import ConfigError
@@ -339,6 +339,26 @@ class ServerConfig(StrictModel):
     max_ongoing_requests: int = Field(256, ge=1, description="Per ingress replica.")
     ingress_num_cpus: float = Field(0.25, ge=0.0)
     ingress_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    docs: bool = Field(False, description="Serve FastAPI's /docs, /redoc and /openapi.json (off: they are 404).")
+
+
+class AuthConfig(StrictModel):
+    """API keys, rate limits and budgets. Authentication is on whenever an admin key is set (COE_ADMIN_KEY or
+    COE_ADMIN_KEY_FILE in the environment, never in this file); team keys live in the state store."""
+
+    key_cache_s: float = Field(
+        5.0, ge=0.0, le=300.0, description="How long an ingress replica trusts a key it verified before reading "
+        "the store again: a revoked key stops working on every replica within this time.")
+    outage_grace_s: float = Field(
+        300.0, ge=0.0, description="While the store (Redis) is unreachable, keys this replica verified within "
+        "this many seconds keep working (revocations made meanwhile are not seen); unknown keys are refused.")
+    on_store_failure: Literal["local", "open", "closed"] = Field(
+        "local", description="Rate limits and budgets while Redis is unreachable: local = each ingress replica "
+        "enforces them on its own (a key may get up to replicas x its limits), open = not enforced, closed = "
+        "requests that have limits get 503.")
+    usage_retention_days: int = Field(
+        400, ge=1, description="Usage counters (per team, expert and calendar month) expire after this many days.")
+    max_cached_keys: int = Field(10_000, ge=1, description="Verified keys cached per ingress replica (LRU).")
 
 
 class CoeConfig(StrictModel):
@@ -348,6 +368,7 @@ class CoeConfig(StrictModel):
     server: ServerConfig = Field(default_factory=ServerConfig)
     router: EmbeddingRouterConfig | RouterDCConfig = Field(discriminator="kind")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     experts: list[ExpertConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -378,6 +399,30 @@ class RuntimeSettings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis for shared state; none: in-process.")
     model_cache_dir: str | None = Field(None, description="Where assembled package models are written.")
     log_level: str = "INFO"
+    admin_key: SecretStr | None = Field(None, description="The admin key (turns authentication on).")
+    admin_key_file: str | None = Field(None, description="A file holding the admin key (a mounted Secret).")
+    insecure_no_auth: bool = Field(False, description="Serve without keys on a non-loopback address.")
+
+    def admin_key_value(self) -> str | None:
+        """The admin key from COE_ADMIN_KEY or the file COE_ADMIN_KEY_FILE names (None: authentication off)."""
+        if self.admin_key is not None and self.admin_key_file:
+            raise ConfigError("set COE_ADMIN_KEY or COE_ADMIN_KEY_FILE, not both")
+        if self.admin_key_file:
+            try:
+                key = Path(self.admin_key_file).read_text().strip()
+            except OSError as err:
+                raise ConfigError(f"COE_ADMIN_KEY_FILE {self.admin_key_file}: cannot read it ({err.strerror})") from None
+            if not key:
+                raise ConfigError(f"COE_ADMIN_KEY_FILE {self.admin_key_file} is empty")
+        elif self.admin_key is not None:
+            key = self.admin_key.get_secret_value().strip()
+            if not key:
+                raise ConfigError("COE_ADMIN_KEY is set but empty")
+        else:
+            return None
+        if len(key) < 16:
+            raise ConfigError("the admin key must be at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return key
 
 
 PACKAGED_CONFIGS = ("cpu-default", "gpu-experts")

@@ -16,29 +16,29 @@ class CoeError(Exception):
     error_type: str = "internal_error"
     default_code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code or self.default_code
+        self.headers: dict[str, str] = dict(headers or {})  # e.g. Retry-After, x-ratelimit-*
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.message, self.param, self.code))
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.headers))
 
-    def to_body(self) -> dict[str, Any]:
-        """The OpenAI error shape: {"error": {message, type, param, code}}."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+    def to_body(self, request_id: str | None = None) -> dict[str, Any]:
+        """The OpenAI error shape: {"error": {message, type, param, code[, request_id]}}."""
+        err: dict[str, Any] = {"message": self.message, "type": self.error_type, "param": self.param,
+                               "code": self.code}
+        if request_id:
+            err["request_id"] = request_id
+        return {"error": err}
 
 
-def _rebuild(cls: type[CoeError], message: str, param: str | None, code: str | None) -> CoeError:
-    return cls(message, param=param, code=code)
+def _rebuild(cls: type[CoeError], message: str, param: str | None, code: str | None,
+             headers: dict[str, str] | None = None) -> CoeError:
+    return cls(message, param=param, code=code, headers=headers)
 
 
 class ConfigError(CoeError):
@@ -75,11 +75,51 @@ class ModelNotFoundError(NotFoundError):
     default_code = "model_not_found"
 
 
+class AuthenticationError(CoeError):
+    """No API key, or one that is unknown, revoked or expired."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(CoeError):
+    """A valid key that may not do this (an expert outside its team's list, an admin endpoint)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "permission_denied"
+
+
 class OverloadedError(CoeError):
     """Admission control refused the request; the client should retry later."""
 
     status_code = 429
     error_type = "overloaded_error"
+
+
+class RateLimitError(CoeError):
+    """The key is over its requests or tokens per minute (headers carry Retry-After and what remains)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class QuotaExceededError(CoeError):
+    """The team has spent its budget for the period."""
+
+    status_code = 429
+    error_type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
+class StoreUnavailableError(CoeError):
+    """The key and limit store (Redis) cannot be reached and the config says to fail closed."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    default_code = "auth_store_unavailable"
 
 
 class ExpertUnavailableError(CoeError):

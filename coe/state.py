@@ -1,11 +1,13 @@
-"""Shared serving state behind one async interface: the threshold t, loads, usage, quality debt, decisions.
+"""Shared serving state behind one async interface: the threshold t, loads, quality debt, decisions.
+
+(Usage, keys and limits live in :mod:`coe.auth`.)
 
 Two backends with the same behaviour:
 
 * :class:`InProcessStateStore`: plain dicts and deques, the embedded single-node default;
 * :class:`RedisStateStore`: shared by every ingress replica and the controller through Redis.
   Redis is never required for serving: when it is unreachable, no method raises; reads return
-  the last value this process knew, usage and quality-debt counts are buffered locally and added
+  the last value this process knew, quality-debt counts are buffered locally and added
   when Redis is back, and decision records are dropped (counted in ``dropped_decisions``).
 
 Use :func:`make_state_store` to get the right one for a ``COE_REDIS_URL``.
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -50,15 +51,6 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, default=_json_default, separators=(",", ":"))
 
 
-def _key_id(api_key: str) -> str:
-    """The id an API key's usage is stored under (the key itself never reaches Redis)."""
-    return hashlib.sha256(api_key.encode()).hexdigest()[:32]
-
-
-def _usage_dict(requests: int = 0, tokens: int = 0, cost_usd: float = 0.0) -> dict[str, Any]:
-    return {"requests": int(requests), "tokens": int(tokens), "cost_usd": float(cost_usd)}
-
-
 class StateStore(abc.ABC):
     """The shared state every ingress replica and the controller read and write.
 
@@ -84,14 +76,6 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def get_loads(self) -> dict[str, dict[str, Any]]:
         """The unexpired per-expert load snapshots."""
-
-    @abc.abstractmethod
-    async def add_usage(self, api_key: str, tokens: int, cost_usd: float) -> None:
-        """Count one request of `api_key` with its tokens and cost."""
-
-    @abc.abstractmethod
-    async def get_usage(self, api_key: str) -> dict[str, Any]:
-        """{"requests": int, "tokens": int, "cost_usd": float} of `api_key` (zeros if unknown)."""
 
     @abc.abstractmethod
     async def add_quality_debt(self, expert: str, amount: float) -> None:
@@ -134,7 +118,6 @@ class InProcessStateStore(StateStore):
         self._threshold: ThresholdState | None = None
         self._history: deque[ThresholdState] = deque(maxlen=history_max)
         self._loads: dict[str, tuple[dict[str, Any], float]] = {}
-        self._usage: dict[str, dict[str, Any]] = {}
         self._debt_total = 0.0
         self._debt_requests = 0
         self._debt: dict[str, float] = {}
@@ -163,15 +146,6 @@ class InProcessStateStore(StateStore):
         for expert in [e for e, (_, exp) in self._loads.items() if exp <= now]:
             del self._loads[expert]
         return {e: json.loads(_dumps(d)) for e, (d, _) in self._loads.items()}
-
-    async def add_usage(self, api_key: str, tokens: int, cost_usd: float) -> None:
-        u = self._usage.setdefault(_key_id(api_key), _usage_dict())
-        u["requests"] += 1
-        u["tokens"] += int(tokens)
-        u["cost_usd"] += float(cost_usd)
-
-    async def get_usage(self, api_key: str) -> dict[str, Any]:
-        return dict(self._usage.get(_key_id(api_key), _usage_dict()))
 
     async def add_quality_debt(self, expert: str, amount: float) -> None:
         self._debt_total += float(amount)
@@ -212,7 +186,7 @@ class RedisStateStore(StateStore):
 
     Keys: ``{prefix}threshold`` (JSON string), ``{prefix}threshold:history`` (capped list),
     ``{prefix}loads`` (hash, expert -> JSON with its expiry; the hash has a TTL too),
-    ``{prefix}usage:{sha256(api_key)[:32]}`` (hash), ``{prefix}quality_debt`` (hash) and
+    ``{prefix}quality_debt`` (hash) and
     ``{prefix}decisions`` (stream, MAXLEN ~ decision_stream_max).
 
     Faults: a call that finds Redis unreachable uses the local fallback, logs one warning per
@@ -266,15 +240,10 @@ class RedisStateStore(StateStore):
         self._threshold: ThresholdState | None = None
         self._history: deque[ThresholdState] = deque(maxlen=history_max)
         self._loads: dict[str, tuple[dict[str, Any], float]] = {}
-        self._usage: dict[str, dict[str, Any]] = {}
         self._debt: dict[str, Any] = {"total": 0.0, "per_expert": {}, "requests": 0}
         self._decisions: list[dict[str, Any]] = []
-        self._pending_usage: dict[str, list[float]] = {}
         self._pending_debt: dict[str, list[float]] = {}  # expert -> [amount, requests]
         self.dropped_decisions = 0
-
-    def _k_usage(self, kid: str) -> str:
-        return f"{self.prefix}usage:{kid}"
 
     # -- fault handling -----------------------------------------------------------------------
 
@@ -289,7 +258,7 @@ class RedisStateStore(StateStore):
             return False, None
         try:
             async with asyncio.timeout(self._op_budget_s):
-                if self._pending_usage or self._pending_debt:
+                if self._pending_debt:
                     await self._flush()
                 result = await op(self._redis)
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as err:
@@ -322,32 +291,22 @@ class RedisStateStore(StateStore):
     async def _flush(self) -> None:
         """Add the counters buffered during an outage, all or nothing (MULTI/EXEC)."""
         async with self._flush_lock:
-            usage, self._pending_usage = self._pending_usage, {}
             debt, self._pending_debt = self._pending_debt, {}
-            if not usage and not debt:
+            if not debt:
                 return
             try:
                 pipe = self._redis.pipeline(transaction=True)
-                for kid, (req, tok, cost) in usage.items():
-                    key = self._k_usage(kid)
-                    pipe.hincrby(key, "requests", int(req))
-                    pipe.hincrby(key, "tokens", int(tok))
-                    pipe.hincrbyfloat(key, "cost_usd", float(cost))
-                if debt:
-                    pipe.hincrbyfloat(self._k_debt, "total", sum(a for a, _ in debt.values()))
-                    pipe.hincrby(self._k_debt, "requests", int(sum(r for _, r in debt.values())))
-                    for expert, (amount, _) in debt.items():
-                        pipe.hincrbyfloat(self._k_debt, f"expert:{expert}", float(amount))
+                pipe.hincrbyfloat(self._k_debt, "total", sum(a for a, _ in debt.values()))
+                pipe.hincrby(self._k_debt, "requests", int(sum(r for _, r in debt.values())))
+                for expert, (amount, _) in debt.items():
+                    pipe.hincrbyfloat(self._k_debt, f"expert:{expert}", float(amount))
                 await pipe.execute()
             except BaseException:
-                for kid, vals in usage.items():
-                    self._buffer(self._pending_usage, kid, vals)
                 for expert, vals in debt.items():
                     self._buffer(self._pending_debt, expert, vals)
                 raise
             log.debug(
-                "redis: added counters buffered during the outage (%d usage keys, %d experts' debt)",
-                len(usage),
+                "redis: added counters buffered during the outage (%d experts' debt)",
                 len(debt),
             )
 
@@ -437,36 +396,6 @@ class RedisStateStore(StateStore):
             self._loads = fresh
         return {e: json.loads(_dumps(d)) for e, (d, exp) in self._loads.items() if exp > now}
 
-    # -- usage --------------------------------------------------------------------------------
-
-    async def add_usage(self, api_key: str, tokens: int, cost_usd: float) -> None:
-        kid = _key_id(api_key)
-        key = self._k_usage(kid)
-
-        async def op(r: Any) -> Any:
-            pipe = r.pipeline(transaction=True)
-            pipe.hincrby(key, "requests", 1)
-            pipe.hincrby(key, "tokens", int(tokens))
-            pipe.hincrbyfloat(key, "cost_usd", float(cost_usd))
-            return await pipe.execute()
-
-        ok, res = await self._run(op)
-        if ok and res is not None:
-            self._usage[kid] = _usage_dict(res[0], res[1], float(res[2]))
-        else:
-            self._buffer(self._pending_usage, kid, [1, int(tokens), float(cost_usd)])
-
-    async def get_usage(self, api_key: str) -> dict[str, Any]:
-        kid = _key_id(api_key)
-        ok, raw = await self._run(lambda r: r.hgetall(self._k_usage(kid)))
-        if ok and raw is not None:
-            self._usage[kid] = _usage_dict(
-                int(raw.get("requests", 0)), int(raw.get("tokens", 0)), float(raw.get("cost_usd", 0.0))
-            )
-        known = self._usage.get(kid, _usage_dict())
-        req, tok, cost = self._pending_usage.get(kid, [0, 0, 0.0])
-        return _usage_dict(known["requests"] + req, known["tokens"] + tok, known["cost_usd"] + cost)
-
     # -- quality debt -------------------------------------------------------------------------
 
     async def add_quality_debt(self, expert: str, amount: float) -> None:
@@ -527,9 +456,9 @@ class RedisStateStore(StateStore):
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def close(self) -> None:
-        if self._pending_usage or self._pending_debt:
+        if self._pending_debt:
             await self._run(lambda r: r.ping())  # flushes the buffer if Redis is reachable
-            if self._pending_usage or self._pending_debt:
+            if self._pending_debt:
                 log.warning("redis: closing with counters that could not be written (Redis unreachable)")
         try:
             await self._redis.aclose()

@@ -2,7 +2,7 @@
 
 Every ingress replica reports, once per control interval, its in-flight requests per expert, recent
 latencies, routing counts (demand per best expert, and the part of it a higher t could move) and the counters
-to persist (quality debt, usage, routing decisions). The
+to persist (quality debt, routing decisions; usage is counted per request by the ingress, coe/auth.py). The
 controller sums the reports, reads the experts' running replica counts from Serve, steps the
 :class:`coe.control.ThresholdController` and publishes the new t (version, timestamp, per-expert penalties)
 to the state store (Redis when COE_REDIS_URL is set, else in-process) and in its reply to each report.
@@ -57,8 +57,6 @@ class CoeController:
         """Take one ingress replica's report; return the current threshold state."""
         self.reports[replica] = (time.time(), report)
         writes = [self.store.add_quality_debt(e, a) for e, amounts in report.get("debt", {}).items() for a in amounts]
-        writes += [self.store.add_usage(k, int(u["tokens"]), float(u["cost_usd"]))
-                   for k, u in report.get("usage", {}).items()]
         writes += [self.store.record_decision(d) for d in report.get("decisions", [])]
         if writes:
             await asyncio.gather(*writes)

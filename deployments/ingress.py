@@ -12,18 +12,21 @@ import logging
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from coe.config import AUTO_MODEL, CoeConfig, ExpertConfig, RuntimeSettings
 import numpy as np
+
+from coe.auth import Authenticator, Principal, make_auth_store
+from coe.config import AUTO_MODEL, CoeConfig, ExpertConfig, RuntimeSettings
 
 from coe.control import (
     LatencyWindow,
@@ -31,6 +34,7 @@ from coe.control import (
     ServiceRate,
     ThresholdState,
     capacity_per_replica,
+    choose_within_threshold,
     quality_given_up,
     relievable,
     slo_capacity,
@@ -38,6 +42,7 @@ from coe.control import (
 from coe.engines import EnginePrompt, SamplingParams
 from coe.errors import (
     CoeError,
+    ConfigError,
     ExpertUnavailableError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -86,9 +91,11 @@ def current_request_id() -> str:
     return _get_serve_request_context().request_id or uuid.uuid4().hex
 
 
-def error_response(err: CoeError, expert: str | None = None) -> JSONResponse:
+def error_response(err: CoeError, expert: str | None = None, request_id: str | None = None) -> JSONResponse:
+    """The OpenAI error body (with the request id) and the error's own headers (Retry-After, x-ratelimit-*)."""
     # "none": the request failed before an expert was chosen.
-    return JSONResponse(err.to_body(), status_code=err.status_code, headers={"x-coe-expert": expert or "none"})
+    return JSONResponse(err.to_body(request_id or current_request_id()), status_code=err.status_code,
+                        headers={**err.headers, "x-coe-expert": expert or "none"})
 
 
 @dataclass
@@ -97,6 +104,47 @@ class _Prepared:
     prompt: EnginePrompt
     params: SamplingParams
     decision: RoutingDecision | None
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is loopback only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_http_host(default: str) -> str:
+    """The address Serve's HTTP proxy binds (the running Serve instance's http_options; `default` outside one)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        host = _get_global_client().http_config.host
+        return str(host) if host else default
+    except Exception:  # noqa: BLE001 - no Serve client (unit tests): the config's host
+        return default
+
+
+def build_authenticator(config: CoeConfig, settings: RuntimeSettings, bind_host: str) -> Authenticator:
+    """The replica's authenticator; refuses an open endpoint on a non-loopback address (ConfigError)."""
+    admin_key = settings.admin_key_value()
+    if admin_key is None and not is_loopback(bind_host) and not settings.insecure_no_auth:
+        raise ConfigError(
+            f"coe would serve on {bind_host} without authentication: set an admin key (COE_ADMIN_KEY or "
+            "COE_ADMIN_KEY_FILE) and create team keys with `coe keys create`, bind to 127.0.0.1, or run with "
+            "--insecure-no-auth (COE_INSECURE_NO_AUTH=1) to serve an open endpoint on purpose")
+    if admin_key is not None and not settings.redis_url and config.server.ingress_autoscaling.max_replicas > 1:
+        raise ConfigError("API keys without COE_REDIS_URL live in one ingress replica: with more than one ingress "
+                          "replica, set COE_REDIS_URL so every replica sees the same keys and limits")
+    return Authenticator(config.auth, make_auth_store(settings.redis_url), admin_key,
+                         [e.name for e in config.experts], shared=bool(settings.redis_url))
 
 
 @serve.ingress()
@@ -117,6 +165,17 @@ class CoeIngress:
             self._route_batched.set_max_batch_size(rc.batch_max_size)
             self._route_batched.set_batch_wait_timeout_s(rc.batch_wait_timeout_s)
         self.resting_threshold = rc.threshold if rc.kind == "routerdc" else 0.0
+        settings = RuntimeSettings()
+        # Off the event loop: the Serve client asks the controller with a blocking call.
+        host = await asyncio.get_running_loop().run_in_executor(None, serve_http_host, self.config.server.host)
+        self.auth = build_authenticator(self.config, settings, host)
+        if self.auth.enabled:
+            logger.info("API keys required (admin key set); keys live in %s",
+                        "Redis (COE_REDIS_URL)" if settings.redis_url else "this replica's memory (lost on restart)")
+        else:
+            logger.warning("coe is OPEN: no admin key is set, so every request is accepted (serving on %s%s)", host,
+                           "" if is_loopback(host) else ", --insecure-no-auth")
+        self.prices = np.array([self.experts[n].price_per_1k_tokens for n in self.router.experts], dtype=np.float64)
         self._init_load_tracking(controller)
 
     # ---------- load tracking and the controller's threshold ----------
@@ -135,7 +194,6 @@ class CoeIngress:
         self.routed: dict[str, int] = defaultdict(int)
         self.relievable: dict[str, int] = defaultdict(int)  # demand a higher t could move (see coe.control)
         self.pending_debt: dict[str, list[float]] = defaultdict(list)
-        self.pending_usage: dict[str, dict[str, float]] = {}
         self.pending_decisions: deque[dict[str, Any]] = deque(maxlen=2000)
         self.state: ThresholdState | None = None
         self._controller_down = False
@@ -174,13 +232,11 @@ class CoeIngress:
             "routed": dict(self.routed),
             "relievable": dict(self.relievable),
             "debt": dict(self.pending_debt),
-            "usage": dict(self.pending_usage),
             "decisions": list(self.pending_decisions),
         }
         self.routed.clear()
         self.relievable.clear()
         self.pending_debt.clear()
-        self.pending_usage.clear()
         self.pending_decisions.clear()
         state: ThresholdState | None = None
         try:
@@ -252,7 +308,7 @@ class CoeIngress:
             self.m_fallbacks.inc(tags={"reason": decision.reason.split("(")[0].removeprefix("fallback:")})
         best = decision.extra.get("best_expert")
         if best and best != decision.expert and decision.expert in decision.scores and not \
-                decision.reason.startswith("fallback:") and not decision.extra.get("own_threshold"):
+                decision.reason.startswith(("fallback:", "team_restricted")) and not decision.extra.get("own_threshold"):
             amount = quality_given_up({best: decision.scores[best], decision.expert: decision.scores[decision.expert]},
                                       decision.expert)
             if amount > 0:
@@ -274,12 +330,30 @@ class CoeIngress:
                                np.array([self.experts[n].price_per_1k_tokens for n in names]),
                                self.config.controller.t_max)[0])
 
-    def _account_usage(self, request: Request, expert: ExpertConfig, tokens: int) -> None:
-        auth = request.headers.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else "anonymous"
-        u = self.pending_usage.setdefault(key, {"tokens": 0, "cost_usd": 0.0})
-        u["tokens"] += tokens
-        u["cost_usd"] += tokens / 1000 * expert.price_per_1k_tokens
+    def _account_usage(self, principal: Principal, expert: ExpertConfig, tokens: int) -> None:
+        """Count one answered request for its team (usage, spend, the key's token bucket), once."""
+        self.auth.charge_soon(principal, expert.name, tokens, tokens / 1000 * expert.price_per_1k_tokens)
+
+    async def _principal(self, request: Request) -> Principal:
+        h = request.headers
+        return await self.auth.authenticate(h.get("authorization"), h.get("x-api-key"))
+
+    def _restrict(self, decision: RoutingDecision, principal: Principal) -> RoutingDecision:
+        """Keep a team within its allowed experts: the cheapest allowed expert within t of the best allowed one."""
+        if principal.experts is None or decision.expert in principal.experts:
+            return decision
+        names = self.router.experts
+        allowed = np.array([n in principal.experts for n in names])
+        q = np.array([[decision.scores.get(n, -np.inf) for n in names]], dtype=np.float64)
+        q = np.where(allowed[None, :], q, -np.inf)
+        pen = self.routing_penalties()
+        penalties = None if not pen else np.array([[pen.get(n, 0.0) for n in names]])
+        k = int(choose_within_threshold(q, self.prices, decision.threshold or 0.0, penalties)[0])
+        if not allowed[k]:  # every allowed expert was excluded by load: take the best allowed one
+            k = int(np.where(allowed, q[0], -np.inf).argmax())
+        decision.reason = f"team_restricted({decision.expert}):{decision.reason}"
+        decision.expert = names[k]
+        return decision
 
     # ---------- request handling ----------
 
@@ -346,9 +420,12 @@ class CoeIngress:
             decision.threshold = None
         return decision.expert, decision
 
-    async def _prepare(self, req: ChatCompletionRequest | CompletionRequest) -> _Prepared:
+    async def _prepare(self, req: ChatCompletionRequest | CompletionRequest, principal: Principal) -> _Prepared:
         query = req.query_text()
         name, decision = await self._route(req.model, query, req.coe)
+        if decision is not None:
+            decision = self._restrict(decision, principal)
+            name = decision.expert
         expert = self.experts[name]
         params = req.to_sampling_params(expert)
         ignored = req.ignored_fields()
@@ -370,17 +447,21 @@ class CoeIngress:
         request_id = current_request_id()
         expert_name: str | None = None
         try:
+            principal = await self._principal(request)
             body = await self._read_json(request)
             req_cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
             req = parse_request(req_cls, body)
-            prep = await self._prepare(req)
+            if req.model in self.experts:
+                self.auth.check_expert(principal, req.model)
+            limit_headers = await self.auth.admit(principal)
+            prep = await self._prepare(req, principal)
             expert_name = prep.expert.name
             if prep.decision is not None:
                 self._account_decision(request_id, prep.decision, req.query_text())
-            headers = self._headers(prep)
+            headers = {**limit_headers, **self._headers(prep)}
             if req.stream:
                 include_usage = bool((req.stream_options or {}).get("include_usage"))
-                return await self._stream(kind, prep, headers, include_usage, request)
+                return await self._stream(kind, prep, headers, include_usage, principal)
             t0 = time.time()
             self.service[expert_name].started(t0, self.in_flight[expert_name])
             self.in_flight[expert_name] += 1
@@ -392,7 +473,7 @@ class CoeIngress:
             ms = (time.time() - t0) * 1e3
             self.latency[expert_name].add(time.time(), None, ms)
             usage = Usage.of(out["prompt_tokens"], out["completion_tokens"])
-            self._account_usage(request, prep.expert, usage.total_tokens)
+            self._account_usage(principal, prep.expert, usage.total_tokens)
             self.m_requests.inc(tags={"expert": expert_name, "routed": str(prep.decision is not None).lower()})
             rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
             if kind == "chat":
@@ -405,10 +486,10 @@ class CoeIngress:
             self.m_errors.inc(tags={"type": err.error_type})
             if err.status_code >= 500:
                 logger.warning("request %s failed: %s", request_id, err.message)
-            return error_response(err, expert_name)
+            return error_response(err, expert_name, request_id)
 
     async def _stream(
-        self, kind: str, prep: _Prepared, headers: dict[str, str], include_usage: bool, request: Request
+        self, kind: str, prep: _Prepared, headers: dict[str, str], include_usage: bool, principal: Principal
     ) -> Response:
         name = prep.expert.name
         t0 = time.time()
@@ -479,10 +560,10 @@ class CoeIngress:
             except Exception as exc:  # noqa: BLE001 - a mid-stream failure becomes an SSE error event
                 err = as_coe_error(exc)
                 self.m_errors.inc(tags={"type": err.error_type})
-                yield frame(err.to_body())
+                yield frame(err.to_body(current_request_id()))
             finally:
                 finish(ttft)
-                self._account_usage(request, prep.expert, tokens)
+                self._account_usage(principal, prep.expert, tokens)
                 self.m_requests.inc(tags={"expert": name, "routed": str(prep.decision is not None).lower()})
             yield "data: [DONE]\n\n"
 
@@ -495,6 +576,7 @@ class CoeIngress:
     async def _route_only(self, request: Request) -> Response:
         """The decision for a chat or completion request body, without generating."""
         try:
+            principal = await self._principal(request)
             body = await self._read_json(request)
             if not isinstance(body, dict):
                 raise InvalidRequestError("request body must be a JSON object")
@@ -506,11 +588,22 @@ class CoeIngress:
                                           param="model")
             _, d = await self._route(req.model, req.query_text(), req.coe)
             assert d is not None
+            d = self._restrict(d, principal)
             payload = {"expert": d.expert, "scores": d.scores, "confidence": round(d.confidence, 4), "ood": d.ood,
                        "threshold": d.threshold, "reason": d.reason,
                        "route_ms": round(d.extra["route_ms"], 3),
                        **{k: v for k, v in d.extra.items() if k not in ("route_ms",)}}
             return JSONResponse(payload, headers={"x-coe-expert": d.expert})
+        except Exception as exc:  # noqa: BLE001 - every error leaves as an OpenAI error body
+            return error_response(as_coe_error(exc))
+
+    async def _guarded(self, request: Request, admin: bool, fn: Callable[[Principal], Awaitable[Any]]) -> Response:
+        """Authenticate (the admin key if `admin`), run `fn`, and answer its JSON or an OpenAI error body."""
+        try:
+            principal = await self._principal(request)
+            if admin:
+                self.auth.require_admin(principal)
+            return JSONResponse(await fn(principal), headers={"x-coe-expert": "none"})
         except Exception as exc:  # noqa: BLE001 - every error leaves as an OpenAI error body
             return error_response(as_coe_error(exc))
 
@@ -543,8 +636,23 @@ class CoeIngress:
             }
         return {"ready": all(e["ready"] for e in experts.values()), "experts": experts}
 
+    async def _state(self, principal: Principal) -> dict[str, Any]:
+        state: dict[str, Any] = {"threshold": self.state.to_dict() if self.state else None,
+                                 "resting_threshold": self.resting_threshold,
+                                 "this_replica_in_flight": dict(self.in_flight)}
+        if self.controller is not None:
+            try:
+                state["controller"] = await asyncio.wait_for(self.controller.get_state.remote(), timeout=5.0)
+            except Exception as err:  # noqa: BLE001 - logged here, never sent to the client
+                logger.warning("controller state unavailable: %s: %s", type(err).__name__, err)
+                state["controller"] = {"error": "the load controller is unavailable"}
+        return state
+
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = FastAPI(title="coe", description="Composition-of-Experts, OpenAI-compatible", version="0.1.0")
+        docs = self.config.server.docs
+        app = FastAPI(title="coe", description="Composition-of-Experts, OpenAI-compatible", version="0.1.0",
+                      docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                      openapi_url="/openapi.json" if docs else None)
 
         @app.post("/v1/chat/completions")
         async def chat_completions(request: Request) -> Response:
@@ -559,20 +667,36 @@ class CoeIngress:
             return await self._route_only(request)
 
         @app.get("/v1/coe/state")
-        async def coe_state() -> Response:
-            state: dict[str, Any] = {"threshold": self.state.to_dict() if self.state else None,
-                                     "resting_threshold": self.resting_threshold,
-                                     "this_replica_in_flight": dict(self.in_flight)}
-            if self.controller is not None:
-                try:
-                    state["controller"] = await asyncio.wait_for(self.controller.get_state.remote(), timeout=5.0)
-                except Exception as err:  # noqa: BLE001
-                    state["controller"] = {"error": f"{type(err).__name__}: {err}"}
-            return JSONResponse(state, headers={"x-coe-expert": "none"})
+        async def coe_state(request: Request) -> Response:
+            return await self._guarded(request, False, self._state)
 
         @app.get("/v1/models")
-        async def models() -> Response:
-            return JSONResponse(self._models(), headers={"x-coe-expert": "none"})
+        async def models(request: Request) -> Response:
+            async def fn(p: Principal) -> dict[str, Any]:
+                out = self._models()
+                out["data"] = [m for m in out["data"] if m["id"] == AUTO_MODEL or p.may_use(m["id"])]
+                return out
+
+            return await self._guarded(request, False, fn)
+
+        @app.post("/v1/coe/keys")
+        async def create_key(request: Request) -> Response:
+            async def fn(_: Principal) -> dict[str, Any]:
+                return await self.auth.create_key(await self._read_json(request))
+
+            return await self._guarded(request, True, fn)
+
+        @app.get("/v1/coe/keys")
+        async def list_keys(request: Request) -> Response:
+            return await self._guarded(request, True, lambda _: self.auth.list_keys())
+
+        @app.delete("/v1/coe/keys/{key_id}")
+        async def revoke_key(request: Request, key_id: str) -> Response:
+            return await self._guarded(request, True, lambda _: self.auth.revoke_key(key_id))
+
+        @app.get("/v1/coe/usage")
+        async def usage(request: Request, team: str | None = None, month: str | None = None) -> Response:
+            return await self._guarded(request, True, lambda _: self.auth.usage(team, month))
 
         @app.get("/health")
         async def health() -> Response:
@@ -583,13 +707,26 @@ class CoeIngress:
             loop = asyncio.get_running_loop()
             try:
                 state = await loop.run_in_executor(None, self._readiness)
-            except Exception as exc:  # noqa: BLE001 - the controller may be restarting
-                state = {"ready": False, "error": f"{type(exc).__name__}: {exc}"}
+            except Exception as exc:  # noqa: BLE001 - the controller may be restarting; logged, not sent
+                logger.warning("readiness unavailable: %s: %s", type(exc).__name__, exc)
+                state = {"ready": False, "error": "Serve's controller did not answer; retry",
+                         "request_id": current_request_id()}
             return JSONResponse(state, status_code=200 if state["ready"] else 503,
                                 headers={"x-coe-expert": "none"})
 
         @app.exception_handler(404)
         async def not_found(request: Request, exc: Exception) -> Response:
             return error_response(NotFoundError(f"no route {request.method} {request.url.path}"))
+
+        @app.exception_handler(405)
+        async def not_allowed(request: Request, exc: Exception) -> Response:
+            err = InvalidRequestError(f"method {request.method} is not allowed on {request.url.path}")
+            err.status_code = 405
+            return error_response(err)
+
+        @app.exception_handler(RequestValidationError)
+        async def bad_params(request: Request, exc: RequestValidationError) -> Response:
+            loc = ".".join(str(x) for x in (exc.errors()[0].get("loc") or [])) if exc.errors() else None
+            return error_response(InvalidRequestError("invalid request parameters", param=loc))
 
         return app

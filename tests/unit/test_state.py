@@ -16,7 +16,6 @@ from coe.state import (
     InProcessStateStore,
     RedisStateStore,
     StateStore,
-    _key_id,
     make_state_store,
 )
 from tests.redis_server import RedisServer, find_redis_server, free_port
@@ -80,17 +79,6 @@ async def test_loads_expire_after_ttl(store: StateStore) -> None:
     assert await store.get_loads() == {}
 
 
-async def test_usage_counters(store: StateStore) -> None:
-    assert await store.get_usage("sk-nobody") == {"requests": 0, "tokens": 0, "cost_usd": 0.0}
-    for _ in range(3):
-        await store.add_usage("sk-alice", 100, 0.002)
-    await store.add_usage("sk-bob", 7, 0.0)
-    alice = await store.get_usage("sk-alice")
-    assert alice["requests"] == 3 and alice["tokens"] == 300
-    assert alice["cost_usd"] == pytest.approx(0.006)
-    assert await store.get_usage("sk-bob") == {"requests": 1, "tokens": 7, "cost_usd": 0.0}
-
-
 async def test_quality_debt(store: StateStore) -> None:
     assert await store.get_quality_debt() == {"total": 0.0, "per_expert": {}, "requests": 0}
     await store.add_quality_debt("small", 0.05)
@@ -121,7 +109,6 @@ async def test_redis_keys_all_under_the_prefix(redis_server: RedisServer) -> Non
     s = RedisStateStore(redis_server.url, prefix=prefix)
     await s.publish_threshold(state(1))
     await s.put_loads({"a": {"x": 1}})
-    await s.add_usage("sk-secret-key", 1, 0.1)
     await s.add_quality_debt("a", 0.1)
     await s.record_decision({"request_id": "r", "expert": "a"})
     await s.close()
@@ -129,9 +116,7 @@ async def test_redis_keys_all_under_the_prefix(redis_server: RedisServer) -> Non
     keys = set(raw.scan_iter(match="*", count=1000))
     assert keys and all(k.startswith("coe:") for k in keys)
     mine = {k[len(prefix):] for k in keys if k.startswith(prefix)}
-    assert mine == {"threshold", "threshold:history", "loads", f"usage:{_key_id('sk-secret-key')}",
-                    "quality_debt", "decisions"}
-    assert not any("sk-secret-key" in k for k in keys)
+    assert mine == {"threshold", "threshold:history", "loads", "quality_debt", "decisions"}
     assert raw.type(prefix + "decisions") == "stream" and raw.type(prefix + "threshold:history") == "list"
     assert 0 < raw.pttl(prefix + "loads") <= 10_000
     raw.close()
@@ -148,7 +133,7 @@ async def test_redis_outage_falls_back_buffers_counters_and_recovers(caplog: pyt
     try:
         s = RedisStateStore(server.url, prefix="coe:fault:", retry_after_s=0.3)
         await s.publish_threshold(state(1, t=0.07))
-        await s.add_usage("sk-a", 10, 0.01)
+        await s.add_quality_debt("a", 0.5)
         await s.record_decision({"request_id": "before", "expert": "a"})
         assert s.available and not _records(caplog, logging.WARNING)
 
@@ -156,15 +141,14 @@ async def test_redis_outage_falls_back_buffers_counters_and_recovers(caplog: pyt
         got = await s.get_threshold()  # the first failure
         assert got is not None and got.t == 0.07 and not s.available
 
-        n_usage = n_debt = 0
+        n_calls = n_debt = 0
         deadline = time.monotonic() + 1.0  # spans several retry windows
         while time.monotonic() < deadline:
             for call in (
                 s.get_threshold(),
-                s.add_usage("sk-a", 5, 0.001),
                 s.add_quality_debt("a", 0.01),
                 s.record_decision({"request_id": "lost", "expert": "a"}),
-                s.get_usage("sk-a"),
+                s.get_quality_debt(),
                 s.get_loads(),
                 s.threshold_history(5),
             ):
@@ -173,13 +157,12 @@ async def test_redis_outage_falls_back_buffers_counters_and_recovers(caplog: pyt
                 assert time.perf_counter() - t0 < 0.1
                 if isinstance(result, ThresholdState):
                     assert result.t == 0.07
-            n_usage += 1
+            n_calls += 1
             n_debt += 1
             await asyncio.sleep(0.02)
         assert len(_records(caplog, logging.WARNING)) == 1
-        assert s.dropped_decisions == n_usage
+        assert s.dropped_decisions == n_calls
         # Reads during the outage see the last known value plus what is buffered.
-        assert (await s.get_usage("sk-a"))["requests"] == 1 + n_usage
         assert (await s.get_quality_debt())["requests"] == n_debt
 
         server.start()  # same port, empty (nothing persisted)
@@ -193,13 +176,10 @@ async def test_redis_outage_falls_back_buffers_counters_and_recovers(caplog: pyt
 
         # The outage's counts reached Redis exactly once (the restart lost the earlier one).
         raw = _raw(server)
-        usage = raw.hgetall(f"coe:fault:usage:{_key_id('sk-a')}")
-        assert int(usage["requests"]) == n_usage and int(usage["tokens"]) == 5 * n_usage
-        assert float(usage["cost_usd"]) == pytest.approx(0.001 * n_usage)
         debt = raw.hgetall("coe:fault:quality_debt")
         assert int(debt["requests"]) == n_debt and float(debt["expert:a"]) == pytest.approx(0.01 * n_debt)
         raw.close()
-        assert (await s.get_usage("sk-a"))["requests"] == n_usage
+        assert (await s.get_quality_debt())["requests"] == n_debt
 
         await s.record_decision({"request_id": "after", "expert": "a"})
         assert [d["request_id"] for d in await s.recent_decisions(5)] == ["after"]
@@ -218,8 +198,8 @@ async def test_redis_down_from_the_start(caplog: pytest.LogCaptureFixture) -> No
     await s.publish_threshold(state(3))
     assert (await s.get_threshold()).version == 3  # last published
     assert [x.version for x in await s.threshold_history(10)] == [3]
-    await s.add_usage("k", 1, 0.5)
-    assert await s.get_usage("k") == {"requests": 1, "tokens": 1, "cost_usd": 0.5}
+    await s.add_quality_debt("k", 0.5)
+    assert await s.get_quality_debt() == {"total": 0.5, "per_expert": {"k": 0.5}, "requests": 1}
     await s.put_loads({"a": {"x": 1}})
     assert await s.get_loads() == {"a": {"x": 1}}
     assert await s.recent_decisions() == []

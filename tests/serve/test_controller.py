@@ -7,9 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from tests.serve import api
+
 
 def _state(url: str) -> dict:
-    return httpx.get(f"{url}/v1/coe/state", timeout=10).json()
+    return api.get(f"{url}/v1/coe/state", timeout=10).json()
 
 
 def _t(url: str) -> float:
@@ -34,7 +36,7 @@ def test_concurrent_load_raises_t_and_idle_brings_it_back(coe_url: str) -> None:
         # signal is the load of the experts a higher t relieves. Once code is full, the overflow rule spills the
         # rest to general at once.
         prompt = f"Write a Python function that returns the sum of the first {i} square numbers."
-        r = httpx.post(f"{coe_url}/v1/chat/completions", timeout=300, json={
+        r = api.post(f"{coe_url}/v1/chat/completions", timeout=300, json={
             "model": "coe-auto", "messages": [{"role": "user", "content": prompt}], "max_tokens": 48,
             "temperature": 0})
         assert r.headers.get("x-coe-expert") in ("code", "general"), r.headers
@@ -46,7 +48,7 @@ def test_concurrent_load_raises_t_and_idle_brings_it_back(coe_url: str) -> None:
         futures = [pool.submit(one, i) for i in range(32)]
         while not all(f.done() for f in futures):
             seen.append(_t(coe_url))
-            d = httpx.post(f"{coe_url}/v1/route", timeout=30,
+            d = api.post(f"{coe_url}/v1/route", timeout=30,
                            json={"prompt": "Write a Python function that merges two sorted lists."}).json()
             routed_t.append(d["threshold"])
             time.sleep(0.5)
@@ -61,7 +63,7 @@ def test_concurrent_load_raises_t_and_idle_brings_it_back(coe_url: str) -> None:
 
 
 def test_premium_requests_are_never_degraded_by_the_cap(coe_url: str) -> None:
-    d = httpx.post(f"{coe_url}/v1/route", timeout=30, json={
+    d = api.post(f"{coe_url}/v1/route", timeout=30, json={
         "prompt": "Write a Python function that merges two sorted lists.", "coe": {"max_quality_threshold": 0}}).json()
     assert d["threshold"] == 0.0
 
@@ -83,7 +85,7 @@ def test_status_prints_threshold_and_loads(coe_url: str) -> None:
 def test_a_requests_own_threshold_is_not_quality_debt(coe_url: str, resting: None) -> None:
     """Quality given up because the request asked for it (coe-auto@t) is not charged to the load controller."""
     before = _state(coe_url)["controller"]["quality_debt"]
-    r = httpx.post(f"{coe_url}/v1/chat/completions", timeout=120, json={
+    r = api.post(f"{coe_url}/v1/chat/completions", timeout=120, json={
         "model": "coe-auto@1.0", "messages": [{"role": "user", "content": "Write a Python function that merges "
                                                "two sorted lists."}], "max_tokens": 2})
     assert r.status_code == 200

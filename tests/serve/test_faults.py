@@ -12,18 +12,19 @@ from pathlib import Path
 import httpx
 
 from tests.redis_server import RedisServer
+from tests.serve import api
 
 PROMPT = "Write a Python function that merges two sorted lists."
 
 
 def _ask(url: str, i: int) -> httpx.Response:
-    return httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+    return api.post(f"{url}/v1/chat/completions", timeout=120, json={
         "model": "coe-auto", "messages": [{"role": "user", "content": f"{PROMPT} ({i})"}], "max_tokens": 4,
         "temperature": 0})
 
 
 def _controller(url: str) -> dict:
-    return httpx.get(f"{url}/v1/coe/state", timeout=15).json().get("controller") or {}
+    return api.get(f"{url}/v1/coe/state", timeout=15).json().get("controller") or {}
 
 
 def _wait_for(cond, timeout: float, every: float = 0.5) -> bool:  # noqa: ANN001

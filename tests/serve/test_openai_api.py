@@ -9,6 +9,8 @@ import httpx
 import openai
 import pytest
 
+from tests.serve import api
+
 pytestmark = pytest.mark.serve
 
 EXPERTS = {"general", "code", "translation"}
@@ -20,8 +22,8 @@ def test_models_lists_auto_and_every_expert(client) -> None:  # noqa: ANN001
 
 
 def test_health_and_ready(coe_url: str) -> None:
-    assert httpx.get(f"{coe_url}/health").status_code == 200
-    r = httpx.get(f"{coe_url}/ready")
+    assert api.get(f"{coe_url}/health").status_code == 200
+    r = api.get(f"{coe_url}/ready")
     assert r.status_code == 200
     body = r.json()
     assert body["ready"] is True
@@ -53,7 +55,7 @@ def test_coe_auto_routes_and_answers(client, question: str, expert: str) -> None
 
 
 def test_client_request_id_is_echoed(coe_url: str) -> None:
-    r = httpx.post(f"{coe_url}/v1/chat/completions", headers={"x-request-id": "my-req-42"},
+    r = api.post(f"{coe_url}/v1/chat/completions", headers={"x-request-id": "my-req-42"},
                    json={"model": "general", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert r.status_code == 200
     assert r.headers["x-request-id"] == "my-req-42"
@@ -87,7 +89,7 @@ def test_stream_matches_non_stream_and_ends_with_done(client, coe_url: str) -> N
     assert finish == full.choices[0].finish_reason
     assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
 
-    with httpx.stream("POST", f"{coe_url}/v1/chat/completions",
+    with api.stream("POST", f"{coe_url}/v1/chat/completions",
                       json={"model": "coe-auto", "messages": msgs, "max_tokens": 8, "stream": True}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-coe-expert"] in EXPERTS
@@ -129,7 +131,7 @@ BAD = [
 def test_bad_input_gets_openai_error_and_service_survives(
     coe_url: str, client, body: str, status: int, param: str | None  # noqa: ANN001
 ) -> None:
-    r = httpx.post(f"{coe_url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    r = api.post(f"{coe_url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
@@ -171,7 +173,7 @@ def test_concurrent_requests_all_succeed(client) -> None:  # noqa: ANN001
 def test_client_disconnect_mid_stream_does_not_wedge_the_expert(coe_url: str, client) -> None:  # noqa: ANN001
     body = {"model": "general", "messages": [{"role": "user", "content": "Tell a long story."}],
             "max_tokens": 900, "temperature": 0.9, "stream": True}
-    with httpx.stream("POST", f"{coe_url}/v1/chat/completions", json=body, timeout=60) as r:
+    with api.stream("POST", f"{coe_url}/v1/chat/completions", json=body, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 5:
                 break  # hang up early
@@ -183,6 +185,6 @@ def test_client_disconnect_mid_stream_does_not_wedge_the_expert(coe_url: str, cl
 
 
 def test_unknown_route_is_openai_404(coe_url: str) -> None:
-    r = httpx.get(f"{coe_url}/v1/nothing-here")
+    r = api.get(f"{coe_url}/v1/nothing-here")
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "not_found"

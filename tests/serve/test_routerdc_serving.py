@@ -7,6 +7,8 @@ import asyncio
 import httpx
 import pytest
 
+from tests.serve import api
+
 pytestmark = pytest.mark.usefixtures("resting")  # these tests assume the resting t = 0
 
 CODE_Q = "Write a Python function that merges two sorted lists."
@@ -14,7 +16,7 @@ PRICE = {"general": 0.0002, "code": 0.0003, "translation": 0.0001}  # cpu-defaul
 
 
 def _route(url: str, **body: object) -> httpx.Response:
-    return httpx.post(f"{url}/v1/route", json={"messages": [{"role": "user", "content": CODE_Q}], **body}, timeout=30)
+    return api.post(f"{url}/v1/route", json={"messages": [{"role": "user", "content": CODE_Q}], **body}, timeout=30)
 
 
 def test_route_returns_the_decision_without_generating(coe_url: str) -> None:
@@ -53,7 +55,7 @@ def test_route_rejects_bad_thresholds_and_pinned_models(coe_url: str) -> None:
 
 
 def test_chat_headers_carry_the_decision(coe_url: str) -> None:
-    r = httpx.post(f"{coe_url}/v1/chat/completions", timeout=120, json={
+    r = api.post(f"{coe_url}/v1/chat/completions", timeout=120, json={
         "model": "coe-auto", "messages": [{"role": "user", "content": CODE_Q}], "max_tokens": 4})
     assert r.status_code == 200
     assert r.headers["x-coe-expert"] == "code"
@@ -64,7 +66,7 @@ def test_chat_headers_carry_the_decision(coe_url: str) -> None:
 
 def test_concurrent_decisions_are_batched(coe_url: str) -> None:
     async def burst() -> list[dict]:
-        async with httpx.AsyncClient(timeout=60) as c:
+        async with httpx.AsyncClient(timeout=60, headers=api.auth()) as c:
             rs = await asyncio.gather(*[
                 c.post(f"{coe_url}/v1/route", json={"prompt": f"Translate \"hello number {i}\" into German."})
                 for i in range(24)])

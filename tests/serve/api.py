@@ -1,0 +1,34 @@
+"""httpx calls to the test service with the session's admin key (the service runs with keys required)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+
+def auth(key: str | None = None) -> dict[str, str]:
+    """The Authorization header for `key` (default: the session's admin key)."""
+    return {"authorization": f"Bearer {key or os.environ['COE_ADMIN_KEY']}"}
+
+
+def _headers(kw: dict[str, Any]) -> dict[str, Any]:
+    kw["headers"] = {**auth(), **(kw.get("headers") or {})}
+    return kw
+
+
+def get(url: str, **kw: Any) -> httpx.Response:
+    return httpx.get(url, **_headers(kw))
+
+
+def post(url: str, **kw: Any) -> httpx.Response:
+    return httpx.post(url, **_headers(kw))
+
+
+def delete(url: str, **kw: Any) -> httpx.Response:
+    return httpx.delete(url, **_headers(kw))
+
+
+def stream(method: str, url: str, **kw: Any):  # noqa: ANN201 - httpx's context manager
+    return httpx.stream(method, url, **_headers(kw))

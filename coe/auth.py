@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import calendar
+import contextlib
 import hashlib
 import hmac
 import json
@@ -27,7 +28,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -57,6 +58,15 @@ BUCKET_TTL_MS = 120_000  # a full bucket needs no key: idle buckets expire after
 
 class StoreDown(Exception):
     """The store could not be reached (internal: the Authenticator decides what that means)."""
+
+
+@contextlib.contextmanager
+def _store_needed() -> Iterator[None]:
+    """Key management needs the store: an outage is a 503 with Retry-After."""
+    try:
+        yield
+    except StoreDown:
+        raise StoreUnavailableError("the key store is unreachable; retry later", headers={"retry-after": "1"}) from None
 
 
 def hash_key(key: str) -> str:
@@ -819,33 +829,19 @@ class Authenticator:
         key = new_key()
         rec = KeyRecord(id="key_" + secrets.token_hex(6), team=team, key_hash=hash_key(key), created_at=now,
                         expires_at=expires_at, experts=experts, rpm=rpm, tpm=tpm)
-        try:
+        with _store_needed():
             if budget is not None:
                 await self.store.put_team(TeamRecord(team, float(budget), period or "month"))
             await self.store.put_key(rec)
-        except StoreDown:
-            raise StoreUnavailableError("the key store is unreachable; retry later",
-                                        headers={"retry-after": "1"}) from None
-        teams = await self._teams()
-        t = teams.get(team)
+            t = (await self.store.get_teams()).get(team)
         return {"id": rec.id, "key": key, "team": team, "created_at": now, "expires_at": expires_at,
                 "experts": experts, "rpm": rpm, "tpm": tpm,
                 "budget_usd": t.budget_usd if t else None, "period": t.period if t and t.budget_usd is not None else None}
 
-    async def _teams(self) -> dict[str, TeamRecord]:
-        try:
-            return await self.store.get_teams()
-        except StoreDown:
-            raise StoreUnavailableError("the key store is unreachable; retry later",
-                                        headers={"retry-after": "1"}) from None
-
     async def list_keys(self) -> dict[str, Any]:
-        try:
+        with _store_needed():
             keys = await self.store.list_keys()
-        except StoreDown:
-            raise StoreUnavailableError("the key store is unreachable; retry later",
-                                        headers={"retry-after": "1"}) from None
-        teams = await self._teams()
+            teams = await self.store.get_teams()
         now = self._clock()
         data = []
         for r in keys:
@@ -858,11 +854,8 @@ class Authenticator:
         return {"object": "list", "data": data}
 
     async def revoke_key(self, key_id: str) -> dict[str, Any]:
-        try:
+        with _store_needed():
             rec = await self.store.revoke_key(key_id, self._clock())
-        except StoreDown:
-            raise StoreUnavailableError("the key store is unreachable; retry later",
-                                        headers={"retry-after": "1"}) from None
         if rec is None:
             raise NotFoundError(f"no key with id '{key_id}'", param="key_id")
         self._cache.pop(rec.key_hash, None)  # this replica at once; the others within key_cache_s
@@ -877,7 +870,7 @@ class Authenticator:
             raise InvalidRequestError("month must look like 2026-12", param="month")
         if team is not None:
             validate_team(team)
-        try:
+        with _store_needed():
             rows = await self.store.usage(month, team)
             teams = await self.store.get_teams()
             for name, t in teams.items():
@@ -888,9 +881,6 @@ class Authenticator:
                 row["budget"] = {"budget_usd": t.budget_usd, "period": t.period,
                                  "period_id": period_id(t.period, now),
                                  "spent_usd": await self.store.spent(name, spend_key)}
-        except StoreDown:
-            raise StoreUnavailableError("the key store is unreachable; retry later",
-                                        headers={"retry-after": "1"}) from None
         return {"object": "usage", "month": month, "teams": rows}
 
     async def close(self) -> None:

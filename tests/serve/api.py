@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import httpx
@@ -32,3 +33,17 @@ def delete(url: str, **kw: Any) -> httpx.Response:
 
 def stream(method: str, url: str, **kw: Any):  # noqa: ANN201 - httpx's context manager
     return httpx.stream(method, url, **_headers(kw))
+
+
+def wait_ready(url: str, timeout: float = 240.0) -> None:
+    """Poll `url`/ready (open, no key) until it answers 200; RuntimeError after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"{url} did not become ready within {timeout:.0f} s")
+        time.sleep(0.5)

@@ -13,7 +13,6 @@ import socket
 import time
 from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from tests.redis_server import RedisServer, find_redis_server
@@ -55,19 +54,10 @@ def coe_url(tmp_path_factory: pytest.TempPathFactory, serve_redis: RedisServer) 
     os.environ["COE_REDIS_URL"] = serve_redis.url  # Ray's workers inherit the driver's environment at ray.init
     os.environ["COE_ADMIN_KEY"] = "coe-test-admin-" + secrets.token_hex(16)  # keys required, as in production
     try:
-        # 3 logical CPUs: room for test_auth's second app (two small ingress replicas, one small expert).
+        # 3 logical CPUs: room for test_api_keys.py's second app (two small ingress replicas, one small expert).
         info = start_local_serve(config, port=_free_port(), num_cpus=3, dashboard=False)
         url = info["url"]
-        deadline = time.time() + 240
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("coe did not become ready within 240 s")
-            time.sleep(0.5)
+        api.wait_ready(url)
         yield url
     finally:
         serve.shutdown()

@@ -264,6 +264,10 @@ async def test_redis_outage_keeps_verified_keys_refuses_unknown_and_replays_usag
             await a.authenticate(bearer(fresh))  # never seen by this replica: refused
         with pytest.raises(StoreUnavailableError):
             await closed.admit(await closed.authenticate(bearer(key)))
+        for manage in (a.create_key({"team": "z"}), a.list_keys(), a.revoke_key("key_x"), a.usage()):
+            with pytest.raises(StoreUnavailableError) as e:  # managing keys needs the store: 503, retry
+                await manage
+            assert e.value.status_code == 503 and e.value.headers["retry-after"] == "1"
         assert await opened.admit(await opened.authenticate(bearer(key))) == {}
         await a.admit(p)  # local buckets: 2 per minute on this replica
         await a.admit(p)

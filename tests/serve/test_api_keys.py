@@ -166,15 +166,7 @@ def limits_url(coe_url: str) -> Iterator[str]:
     cfg.auth.key_cache_s = 2.0
     cfg.auth.outage_grace_s = 120.0
     serve.run(build_from_config(cfg), name="coe-limits", route_prefix=LIMITS_PREFIX, blocking=False)
-    deadline = time.time() + 240
-    while True:
-        try:
-            if httpx.get(f"{coe_url}{LIMITS_PREFIX}/ready", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.time() < deadline, "the coe-limits app did not become ready within 240 s"
-        time.sleep(0.5)
+    api.wait_ready(f"{coe_url}{LIMITS_PREFIX}")
     try:
         yield coe_url
     finally:

@@ -586,6 +586,7 @@ class CoeIngress:
             if req.model in self.experts:
                 raise InvalidRequestError(f"model '{req.model}' is an expert: nothing to route; use '{AUTO_MODEL}'",
                                           param="model")
+            limit_headers = await self.auth.admit(principal)  # routing costs an encoder pass: it counts as a request
             _, d = await self._route(req.model, req.query_text(), req.coe)
             assert d is not None
             d = self._restrict(d, principal)
@@ -593,7 +594,7 @@ class CoeIngress:
                        "threshold": d.threshold, "reason": d.reason,
                        "route_ms": round(d.extra["route_ms"], 3),
                        **{k: v for k, v in d.extra.items() if k not in ("route_ms",)}}
-            return JSONResponse(payload, headers={"x-coe-expert": d.expert})
+            return JSONResponse(payload, headers={**limit_headers, "x-coe-expert": d.expert})
         except Exception as exc:  # noqa: BLE001 - every error leaves as an OpenAI error body
             return error_response(as_coe_error(exc))
 

@@ -91,7 +91,9 @@ def test_rate_limit_429_with_retry_after_and_remaining_headers(coe_url: str) -> 
     r = _ask(c, model="general")
     assert r.headers["x-ratelimit-limit-requests"] == "2" and r.headers["x-ratelimit-remaining-requests"] == "1"
     assert r.headers["x-ratelimit-limit-tokens"] == "100000"
-    _ask(c, model="general")
+    route = api.post(f"{coe_url}/v1/route", headers=api.auth(key), timeout=30,
+                     json={"messages": [{"role": "user", "content": "hi"}]})  # a routing decision counts too
+    assert route.status_code == 200 and route.headers["x-ratelimit-remaining-requests"] == "0"
     with pytest.raises(openai.RateLimitError) as e:
         _ask(c, model="general")
     h = e.value.response.headers

@@ -134,9 +134,10 @@ def test_bad_input_gets_openai_error_and_service_survives(
     r = api.post(f"{coe_url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status
     err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
+    assert set(err) == {"message", "type", "param", "code", "request_id"}
     assert err["param"] == param
     assert r.headers["x-request-id"] and r.headers["x-coe-expert"]
+    assert err["request_id"] == r.headers["x-request-id"]  # what a user quotes in a bug report
     ok = client.chat.completions.create(model="general", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert ok.choices[0].message.content is not None
 

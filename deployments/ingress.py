@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -23,11 +24,8 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-import numpy as np
-
 from coe.auth import Authenticator, Principal, make_auth_store
 from coe.config import AUTO_MODEL, CoeConfig, ExpertConfig, RuntimeSettings
-
 from coe.control import (
     LatencyWindow,
     Overflow,
@@ -453,8 +451,12 @@ class CoeIngress:
             req = parse_request(req_cls, body)
             if req.model in self.experts:
                 self.auth.check_expert(principal, req.model)
-            limit_headers = await self.auth.admit(principal)
-            prep = await self._prepare(req, principal)
+            # The limit check (a Redis round trip) overlaps routing (an encoder pass); a refused request is a 429.
+            admission = asyncio.ensure_future(self.auth.admit(principal))
+            try:
+                prep = await self._prepare(req, principal)
+            finally:
+                limit_headers = await admission
             expert_name = prep.expert.name
             if prep.decision is not None:
                 self._account_decision(request_id, prep.decision, req.query_text())
@@ -586,8 +588,11 @@ class CoeIngress:
             if req.model in self.experts:
                 raise InvalidRequestError(f"model '{req.model}' is an expert: nothing to route; use '{AUTO_MODEL}'",
                                           param="model")
-            limit_headers = await self.auth.admit(principal)  # routing costs an encoder pass: it counts as a request
-            _, d = await self._route(req.model, req.query_text(), req.coe)
+            admission = asyncio.ensure_future(self.auth.admit(principal))  # a decision counts as a request
+            try:
+                _, d = await self._route(req.model, req.query_text(), req.coe)
+            finally:
+                limit_headers = await admission
             assert d is not None
             d = self._restrict(d, principal)
             payload = {"expert": d.expert, "scores": d.scores, "confidence": round(d.confidence, 4), "ood": d.ood,

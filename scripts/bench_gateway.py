@@ -137,15 +137,15 @@ async def decode_speed(url: str, app: str, config: Any, max_tokens: int, reps: i
             "tokens": float(res["completion_tokens"])}
 
 
-async def run_auth_pairs(url: str, team_key: str, admin_key: str, n: int, concurrency: int, expert: str,
+async def run_auth_pairs(url: str, team_key: str, admin_key: str, n: int, concurrency: int, model: str,
                          desc: str) -> list[dict[str, float]]:
-    """Per pair: the same pinned request with the team key (key check + rate limit) and the admin key, in random
+    """Per pair: the same request with the team key (key check + rate limit) and the admin key, in random
     order. Returns per-pair latencies in ms."""
     sem = asyncio.Semaphore(concurrency)
     out: list[dict[str, float]] = []
     bar = tqdm(total=n, desc=desc, leave=False)
     rng = random.Random(concurrency)
-    body = {"model": expert, "messages": [{"role": "user", "content": QUERIES[2]}], "max_tokens": 1,
+    body = {"model": model, "messages": [{"role": "user", "content": QUERIES[2]}], "max_tokens": 1,
             "temperature": 0.0}
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=concurrency * 2)) as client:
 
@@ -198,24 +198,23 @@ def bench_api_key(args: argparse.Namespace) -> None:
                            json={"team": "bench", "rpm": 10_000_000, "tpm": 1_000_000_000})
             r.raise_for_status()
             team = r.json()["key"]
-            expert = "general"
-            asyncio.run(run_auth_pairs(url, team, admin, 20, 4, expert, "warm-up"))
-            results = {c: asyncio.run(run_auth_pairs(url, team, admin, args.requests, c, expert, f"c={c}"))
-                       for c in args.concurrency}
+            asyncio.run(run_auth_pairs(url, team, admin, 20, 4, "general", "warm-up"))
+            results = {(m, c): asyncio.run(run_auth_pairs(url, team, admin, args.requests, c, m, f"{m} c={c}"))
+                       for c in args.concurrency for m in ("general", "coe-auto")}
         finally:
             serve.shutdown()
             ray.shutdown()
-    print(f"\nAPI key overhead, {args.config}, pinned '{expert}', max_tokens=1, {args.requests} pairs per level, "
-          "Redis on loopback")
+    print(f"\nAPI key overhead, {args.config}, max_tokens=1, {args.requests} pairs per row, Redis on loopback "
+          "(model 'general': pinned; 'coe-auto': routed, the limit check overlaps routing)")
     print("(team key: cached key + one Redis rate-limit script per request; admin key: hash compare only, "
           "no store access)")
-    print("| concurrency | admin key p50 ms | team key p50 ms | added p50 ms | added p99 ms | team/admin p50 |")
-    print("|---|---|---|---|---|---|")
-    for c, rows in results.items():
+    print("| model | concurrency | admin key p50 ms | team key p50 ms | added p50 ms | added p99 ms | team/admin p50 |")
+    print("|---|---|---|---|---|---|---|")
+    for (m, c), rows in results.items():
         a = [r["admin_ms"] for r in rows]
         t = [r["team_ms"] for r in rows]
         d = [r["added_ms"] for r in rows]
-        print(f"| {c} | {pct(a, 50):.2f} | {pct(t, 50):.2f} | {pct(d, 50):+.2f} | {pct(d, 99):+.2f} | "
+        print(f"| {m} | {c} | {pct(a, 50):.2f} | {pct(t, 50):.2f} | {pct(d, 50):+.2f} | {pct(d, 99):+.2f} | "
               f"{pct(t, 50) / pct(a, 50):.3f}x |")
 
     import matplotlib
@@ -226,13 +225,13 @@ def bench_api_key(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "auth_overhead.csv").open("w") as f:
-        f.write("concurrency,admin_ms,team_ms,added_ms\n")
-        for c, rows in results.items():
+        f.write("model,concurrency,admin_ms,team_ms,added_ms\n")
+        for (m, c), rows in results.items():
             for r in rows:
-                f.write(f"{c},{r['admin_ms']:.3f},{r['team_ms']:.3f},{r['added_ms']:.3f}\n")
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+                f.write(f"{m},{c},{r['admin_ms']:.3f},{r['team_ms']:.3f},{r['added_ms']:.3f}\n")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.boxplot([[r["added_ms"] for r in rows] for rows in results.values()],
-               tick_labels=[f"c={c}" for c in results], showfliers=False)
+               tick_labels=[f"{m}\nc={c}" for m, c in results], showfliers=False)
     ax.axhline(1.0, color="red", linestyle="--", label="target: +1 ms p50 at c=1")
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_ylabel("team key minus admin key, per pair (ms)")

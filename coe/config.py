@@ -145,6 +145,9 @@ class LlamaCppOptions(StrictModel):
     n_threads_batch: int | None = Field(
         None, ge=1, description="CPU threads for prompt processing; default: n_threads.")
     n_batch: int = Field(256, ge=1)
+    debug_stall_s: float = Field(
+        0.0, ge=0.0, description="Testing only: each generation waits this long before its first token, as a "
+        "hung replica would (the fault tests use it to check timeouts, retries and the stuck-replica health check).")
 
     def threads(self, num_cpus: float) -> tuple[int, int]:
         """(generation, prompt processing) threads for a replica that reserves `num_cpus` CPUs."""
@@ -167,6 +170,21 @@ class VLLMOptions(StrictModel):
     enforce_eager: bool = False
     trust_remote_code: bool = False
     download_dir: str | None = None
+
+
+class TimeoutsConfig(StrictModel):
+    """How long the ingress waits for one expert call before it counts as failed (retried on the next candidate
+    while nothing was sent to the client; else 504)."""
+
+    ttft_s: float = Field(60.0, gt=0.0, description="Streaming: time to the first token. The replica's health "
+                          "check also fails when a generation makes no progress for this long (Serve replaces it).")
+    total_s: float = Field(240.0, gt=0.0, description="The whole call (non-streaming), or the whole stream.")
+
+    @model_validator(mode="after")
+    def _order(self) -> TimeoutsConfig:
+        if self.ttft_s > self.total_s:
+            raise ValueError("ttft_s must be <= total_s")
+        return self
 
 
 class SLOConfig(StrictModel):
@@ -199,6 +217,7 @@ class ExpertConfig(StrictModel):
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     slo: SLOConfig = Field(default_factory=SLOConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     llama_cpp: LlamaCppOptions | None = None
     vllm: VLLMOptions | None = None
 
@@ -330,6 +349,31 @@ class ControllerConfig(StrictModel):
         return self
 
 
+class RequestLimits(StrictModel):
+    """Bounds on every request body, checked before it is parsed further or tokenized (each a 4xx naming the
+    parameter)."""
+
+    max_body_bytes: int = Field(4_000_000, ge=1024, description="Largest request body (413 above it).")
+    max_json_depth: int = Field(32, ge=2, le=500, description="Deepest nesting of JSON objects and arrays.")
+    max_messages: int = Field(512, ge=1, description="Messages in one chat request.")
+    max_message_chars: int = Field(200_000, ge=1, description="Characters in one message (or the prompt).")
+    max_total_chars: int = Field(1_000_000, ge=1, description="Characters over all messages of a request.")
+    max_stop_sequences: int = Field(4, ge=0, le=64, description="Stop sequences per request.")
+    max_stop_chars: int = Field(256, ge=1, description="Characters in one stop sequence.")
+    seed_min: int = Field(0, description="Smallest `seed` (llama.cpp takes an unsigned 32-bit seed).")
+    seed_max: int = Field(2**32 - 1, description="Largest `seed`.")
+    drop_params: bool = Field(
+        False, description="Drop OpenAI parameters coe does not implement (logprobs, tools, response_format, ...) "
+        "instead of answering 400; the dropped names are listed in the x-coe-dropped-params header. A request "
+        "can ask for this itself with \"drop_params\": true.")
+
+    @model_validator(mode="after")
+    def _seed_range(self) -> RequestLimits:
+        if self.seed_min > self.seed_max:
+            raise ValueError("seed_min must be <= seed_max")
+        return self
+
+
 class ServerConfig(StrictModel):
     """HTTP server and ingress settings."""
 
@@ -340,6 +384,13 @@ class ServerConfig(StrictModel):
     ingress_num_cpus: float = Field(0.25, ge=0.0)
     ingress_autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     docs: bool = Field(False, description="Serve FastAPI's /docs, /redoc and /openapi.json (off: they are 404).")
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    retries: int = Field(1, ge=0, le=5, description="Retries of a failed expert call (replica died, unavailable, "
+                         "timed out, queue full) before the first byte: on the next candidate of the routing decision "
+                         "(coe-auto), or on another replica of the same expert (pinned).")
+    max_queued_requests: int = Field(
+        512, ge=0, description="Requests an ingress replica holds beyond max_ongoing_requests; past both it answers "
+        "429 with Retry-After at once.")
 
 
 class AuthConfig(StrictModel):
@@ -377,6 +428,11 @@ class CoeConfig(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"expert names must be unique; repeated: {dupes}")
+        for e in self.experts:
+            if e.timeouts.total_s >= self.server.request_timeout_s:
+                raise ValueError(f"expert '{e.name}': timeouts.total_s ({e.timeouts.total_s}) must be below "
+                                 f"server.request_timeout_s ({self.server.request_timeout_s}), or the HTTP proxy "
+                                 "gives up first and no retry or 504 can be sent")
         if self.router.fallback_expert is not None and self.router.fallback_expert not in names:
             raise ValueError(
                 f"router.fallback_expert '{self.router.fallback_expert}' is not an expert ({names})"

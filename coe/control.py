@@ -526,3 +526,22 @@ class LatencyWindow:
     def p50(self, now: float | None = None) -> Percentiles:
         """The median (ttft_ms, total_ms)."""
         return self.percentile(0.50, now)
+
+
+def fallback_order(scores: dict[str, float], prices: dict[str, float], chosen: str, threshold: float,
+                   fallback: str | None, allowed: frozenset[str] | set[str] | None = None) -> list[str]:
+    """The experts to try, in order, when the call to `chosen` fails before anything reached the client.
+
+    The others within `threshold` of the best predicted quality, in the routing rule's order (cheapest first,
+    ties to the higher quality), then the fallback expert; only experts in `allowed` (None: all), never `chosen`.
+    """
+    if not scores:
+        return [fallback] if fallback and fallback != chosen and (allowed is None or fallback in allowed) else []
+    ok = [n for n in scores if n != chosen and (allowed is None or n in allowed)]
+    best = max(scores[n] for n in ok) if ok else 0.0
+    best = max(best, scores.get(chosen, best))
+    near = [n for n in ok if scores[n] >= best - threshold - 1e-12]
+    order = sorted(near, key=lambda n: (prices.get(n, 0.0), -scores[n]))
+    if fallback and fallback != chosen and fallback not in order and (allowed is None or fallback in allowed):
+        order.append(fallback)
+    return order

@@ -61,6 +61,13 @@ class ContextLengthExceededError(InvalidRequestError):
     default_code = "context_length_exceeded"
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is larger than server.limits.max_body_bytes."""
+
+    status_code = 413
+    default_code = "request_too_large"
+
+
 class NotFoundError(CoeError):
     """No such route or resource."""
 
@@ -127,6 +134,14 @@ class ExpertUnavailableError(CoeError):
 
     status_code = 503
     error_type = "service_unavailable"
+
+
+class GatewayTimeoutError(CoeError):
+    """The expert did not answer within its timeout (experts[].timeouts) and no retry was left."""
+
+    status_code = 504
+    error_type = "timeout"
+    default_code = "expert_timeout"
 
 
 class GenerationError(CoeError):

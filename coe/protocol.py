@@ -1,19 +1,118 @@
-"""OpenAI wire models (requests and responses) and their mapping to engine parameters.
+"""OpenAI wire models (requests and responses) and their mapping to engine parameters, and the bounds every
+request body is held to (:func:`read_json_body`, :func:`check_request`).
 
-Requests accept unknown fields (OpenAI clients send many); the ingress logs what it ignored.
+Requests accept unknown fields (OpenAI clients send many); the ingress logs what it ignored. OpenAI parameters
+that coe does not implement (:data:`UNSUPPORTED`) are a 400 naming the parameter when set to anything but
+their no-op value, unless the request or the config says ``drop_params``.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from coe.config import ExpertConfig
+from coe.config import ExpertConfig, RequestLimits
 from coe.engines.base import EnginePrompt, SamplingParams
-from coe.errors import InvalidRequestError
+from coe.errors import InvalidRequestError, RequestTooLargeError
+
+# NUL and C0 control characters other than tab, newline and carriage return; lone UTF-16 surrogates.
+_BAD_TEXT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+
+
+def check_text(text: str) -> str:
+    """ValueError (a 400 naming the field, through :func:`parse_request`) for text an engine cannot take: lone
+    surrogates (not encodable as UTF-8), NUL and other control characters (tab, newline, CR are fine)."""
+    m = _BAD_TEXT.search(text)
+    if m is not None:
+        ch = m.group()
+        what = "a lone UTF-16 surrogate" if "\ud800" <= ch <= "\udfff" else f"control character U+{ord(ch):04X}"
+        raise ValueError(f"contains {what} at position {m.start()}")
+    return text
+
+
+def _no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise InvalidRequestError(f"request body has the key '{k}' twice in one object", param=k)
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidRequestError(f"request body contains {name}, which is not JSON", param="body")
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of decoded JSON (a scalar is 0, [] is 1), without recursion."""
+    depth, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            items = v.values()
+        elif isinstance(v, list):
+            items = v
+        else:
+            continue
+        depth = max(depth, d)
+        stack.extend((x, d + 1) for x in items if isinstance(x, (dict, list)))
+    return depth
+
+
+def read_json_body(raw: bytes, limits: RequestLimits) -> Any:
+    """Decode a request body: 413 above max_body_bytes, 400 for invalid UTF-8 or JSON, duplicate keys, NaN or
+    Infinity, numbers too long to convert, nesting beyond max_json_depth."""
+    if len(raw) > limits.max_body_bytes:
+        raise RequestTooLargeError(f"request body is {len(raw)} bytes; the limit is {limits.max_body_bytes}",
+                                   param="body")
+    try:
+        body = json.loads(raw, object_pairs_hook=_no_dupes, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidRequestError(f"request body is nested deeper than {limits.max_json_depth} levels",
+                                  param="body") from None
+    except UnicodeDecodeError as err:
+        raise InvalidRequestError(f"request body is not valid UTF-8 (byte {err.start})", param="body") from None
+    except InvalidRequestError:
+        raise
+    except ValueError as err:  # JSONDecodeError, and int() of a number with too many digits
+        raise InvalidRequestError(f"request body is not valid JSON: {err}", param="body") from None
+    if json_depth(body) > limits.max_json_depth:
+        raise InvalidRequestError(f"request body is nested deeper than {limits.max_json_depth} levels",
+                                  param="body")
+    return body
+
+
+def _falsy(v: Any) -> bool:
+    return v is None or v is False or v == 0 or v == [] or v == {}
+
+
+# OpenAI parameters coe does not implement -> whether a value is their no-op (then it is accepted and ignored).
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "logprobs": _falsy,
+    "top_logprobs": _falsy,
+    "tools": _falsy,
+    "tool_choice": lambda v: v is None or v == "none",
+    "functions": _falsy,
+    "function_call": lambda v: v is None or v == "none",
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "logit_bias": _falsy,
+    "presence_penalty": _falsy,
+    "frequency_penalty": _falsy,
+    "echo": _falsy,
+    "best_of": lambda v: v is None or v == 1,
+    "suffix": lambda v: v is None or v == "",
+    "audio": _falsy,
+    "modalities": lambda v: v is None or v == ["text"],
+    "prediction": _falsy,
+    "web_search_options": _falsy,
+    "n": lambda v: v is None or v == 1,
+}
 
 
 class _Wire(BaseModel):
@@ -47,6 +146,13 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _clean(cls, v: str | list[ContentPart] | None) -> str | list[ContentPart] | None:
+        for text in [v] if isinstance(v, str) else [p.text for p in v or [] if p.text is not None]:
+            check_text(text)
+        return v
+
     def text(self) -> str:
         """The message's text (text parts joined; other part types are refused)."""
         if self.content is None:
@@ -73,18 +179,21 @@ class _SamplingRequest(_Wire):
     stream_options: dict[str, Any] | None = None
     user: str | None = None
     seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     coe: CoeOptions | None = None
+    drop_params: bool = Field(False, description="Drop unsupported OpenAI parameters instead of a 400.")
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, v: str | list[str] | None) -> str | list[str] | None:
         items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > 4:
-            raise ValueError("at most 4 stop sequences")
         if any(not s for s in items):
             raise ValueError("stop sequences must be non-empty")
+        for s in items:
+            check_text(s)
         return v
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -102,7 +211,7 @@ class _SamplingRequest(_Wire):
                 f"max_tokens={max_tokens} exceeds expert '{expert.name}' limit of {d.max_tokens_limit}",
                 param="max_tokens",
             )
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stop = self.stops()
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=d.temperature if self.temperature is None else self.temperature,
@@ -148,6 +257,7 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("exactly one prompt is supported")
         if (v if isinstance(v, str) else v[0]) == "":
             raise ValueError("prompt must not be empty")
+        check_text(v if isinstance(v, str) else v[0])
         return v
 
     def query_text(self) -> str:
@@ -168,8 +278,57 @@ def parse_request(model: type[ChatCompletionRequest] | type[CompletionRequest], 
         return model.model_validate(body)
     except ValidationError as err:
         first = err.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        raise InvalidRequestError(f"{loc}: {first['msg']}", param=loc or None) from None
+        # A union's member ("str", "list[ContentPart]") is not part of the parameter's name.
+        loc = ".".join(str(x) for x in first["loc"] if isinstance(x, int) or not _TYPE_TAG.match(str(x)))
+        cause = (first.get("ctx") or {}).get("error")
+        msg = str(cause) if isinstance(cause, ValueError) else first["msg"]
+        raise InvalidRequestError(f"{loc}: {msg}", param=loc or None) from None
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|list|dict)$|[\[\]-]")
+
+
+def check_request(req: ChatCompletionRequest | CompletionRequest, limits: RequestLimits) -> list[str]:
+    """Hold a parsed request to `limits` (400 naming the parameter) and to what coe implements: returns the
+    unsupported parameters dropped (drop_params), or raises 400 naming the first one set."""
+    if isinstance(req, ChatCompletionRequest):
+        if len(req.messages) > limits.max_messages:
+            raise InvalidRequestError(f"{len(req.messages)} messages; the limit is {limits.max_messages}",
+                                      param="messages")
+        total = 0
+        for i, m in enumerate(req.messages):
+            n = len(m.text()) if m.content is not None else 0
+            if n > limits.max_message_chars:
+                raise InvalidRequestError(f"message {i} has {n} characters; the limit is {limits.max_message_chars}",
+                                          param=f"messages.{i}.content")
+            total += n
+        if total > limits.max_total_chars:
+            raise InvalidRequestError(f"messages have {total} characters; the limit is {limits.max_total_chars}",
+                                      param="messages")
+        if not req.query_text().strip():
+            raise InvalidRequestError("the last user message is empty", param="messages")
+    else:
+        n = len(req.query_text())
+        if n > limits.max_message_chars:
+            raise InvalidRequestError(f"prompt has {n} characters; the limit is {limits.max_message_chars}",
+                                      param="prompt")
+    stops = req.stops()
+    if len(stops) > limits.max_stop_sequences:
+        raise InvalidRequestError(f"{len(stops)} stop sequences; the limit is {limits.max_stop_sequences}",
+                                  param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stops):
+        raise InvalidRequestError(f"a stop sequence is longer than {limits.max_stop_chars} characters", param="stop")
+    if req.seed is not None and not limits.seed_min <= req.seed <= limits.seed_max:
+        raise InvalidRequestError(f"seed must be within [{limits.seed_min}, {limits.seed_max}]", param="seed")
+    given = {**(req.model_extra or {})}
+    if isinstance(req, CompletionRequest):
+        given["echo"] = req.echo
+    set_ = [k for k, is_noop in UNSUPPORTED.items() if k in given and not is_noop(given[k])]
+    if set_ and not (req.drop_params or limits.drop_params):
+        raise InvalidRequestError(
+            f"'{set_[0]}' is not supported by coe; leave it out, or send \"drop_params\": true to drop it",
+            param=set_[0], code="unsupported_parameter")
+    return set_
 
 
 class Usage(BaseModel):

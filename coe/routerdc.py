@@ -179,6 +179,10 @@ class RouterDCRouter(Router):
     def uses_threshold(self) -> bool:
         return True
 
+    @property
+    def fallback_expert(self) -> str | None:
+        return self.model.params.fallback_expert
+
     def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
         return self.route_each(queries, [threshold] * len(queries))
 

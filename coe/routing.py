@@ -51,9 +51,33 @@ class Router(abc.ABC):
         """Whether the cost/quality threshold t changes this router's decisions."""
         return False
 
+    @property
+    def fallback_expert(self) -> str | None:
+        """The safe generalist uncertain queries go to (and the last candidate when calls fail)."""
+        return None
+
     def route(self, query: str, *, threshold: float | None = None) -> RoutingDecision:
         """The decision for one query."""
         return self.route_batch([query], threshold=threshold)[0]
+
+
+def route_isolated(router: Router, queries: list[str], thresholds: list[float | None],
+                   penalties: dict[str, float] | None = None,
+                   overflow: Overflow | None = None) -> list[RoutingDecision | Exception]:
+    """One decision per query, batched; if the batch fails, each query is routed alone, so a bad one yields its
+    own exception in its slot and the others their decisions (the overflow rule is skipped on that path)."""
+    try:
+        return list(router.route_each(queries, thresholds, penalties, overflow))
+    except Exception as batch_err:  # noqa: BLE001 - find the bad item(s)
+        if len(queries) == 1:
+            return [batch_err]
+    out: list[RoutingDecision | Exception] = []
+    for q, t in zip(queries, thresholds):
+        try:
+            out.append(router.route_each([q], [t], penalties, None)[0])
+        except Exception as err:  # noqa: BLE001 - this query's own error
+            out.append(err)
+    return out
 
 
 def _softmax(x: np.ndarray, temperature: float) -> np.ndarray:
@@ -90,6 +114,10 @@ class EmbeddingRouter(Router):
     @property
     def experts(self) -> list[str]:
         return list(self._experts)
+
+    @property
+    def fallback_expert(self) -> str | None:
+        return self._fallback
 
     def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
         q = self._encoder.encode(queries)

@@ -42,7 +42,10 @@ def ingress_deployment_options(config: CoeConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "name": "CoeIngress",
         "ray_actor_options": {"num_cpus": s.ingress_num_cpus},
-        "max_ongoing_requests": s.max_ongoing_requests,
+        # Serve hands the replica more than it admits, so past the bound the client gets coe's own 429 with
+        # Retry-After (not Serve's proxy 503); graceful shutdown outlasts the longest expert call.
+        "max_ongoing_requests": s.max_ongoing_requests + s.max_queued_requests + 64,
+        "graceful_shutdown_timeout_s": max(e.timeouts.total_s for e in config.experts) + 5,
     }
     auto = s.ingress_autoscaling
     if auto.min_replicas == auto.max_replicas:

@@ -61,7 +61,8 @@ def expert_deployment_options(expert: ExpertConfig) -> dict[str, Any]:
         "max_queued_requests": expert.max_queued_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
-        "graceful_shutdown_timeout_s": 30,
+        # A draining replica finishes what it holds: at least the longest a call may take.
+        "graceful_shutdown_timeout_s": expert.timeouts.total_s + 5,
     }
     if auto.min_replicas == auto.max_replicas:
         opts["num_replicas"] = auto.min_replicas

@@ -33,6 +33,7 @@ from coe.control import (
     ThresholdState,
     capacity_per_replica,
     choose_within_threshold,
+    fallback_order,
     quality_given_up,
     relievable,
     slo_capacity,
@@ -42,10 +43,12 @@ from coe.errors import (
     CoeError,
     ConfigError,
     ExpertUnavailableError,
+    GatewayTimeoutError,
     InvalidRequestError,
     ModelNotFoundError,
     NotFoundError,
     OverloadedError,
+    RequestTooLargeError,
 )
 from coe.protocol import (
     ChatCompletionRequest,
@@ -56,11 +59,16 @@ from coe.protocol import (
     chat_response,
     completion_response,
     new_id,
+    check_request,
     parse_request,
+    read_json_body,
 )
-from coe.routing import Router, RoutingDecision, build_router
+from coe.routing import Router, RoutingDecision, build_router, route_isolated
 
 logger = logging.getLogger("ray.serve")
+
+
+RETRYABLE = (ExpertUnavailableError, OverloadedError, GatewayTimeoutError)  # failures of the call, not the request
 
 
 def as_coe_error(exc: BaseException) -> CoeError:
@@ -72,7 +80,7 @@ def as_coe_error(exc: BaseException) -> CoeError:
     from ray.serve.exceptions import BackPressureError
 
     if isinstance(exc, BackPressureError):
-        return OverloadedError("the expert's queue is full; retry later")
+        return OverloadedError("the expert's queue is full; retry later", headers={"retry-after": "1"})
     if type(exc).__name__ in {"ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError"}:
         return ExpertUnavailableError("the expert is unavailable; retry later")
     logger.exception("unexpected error", exc_info=exc)
@@ -187,6 +195,7 @@ class CoeIngress:
         except Exception:  # noqa: BLE001 - outside a replica (tests)
             self.replica_id = uuid.uuid4().hex[:8]
         self.in_flight: dict[str, int] = defaultdict(int)
+        self.active = 0  # requests this replica holds (admission: server.max_ongoing + max_queued_requests)
         self.latency = {name: LatencyWindow(window_s=10.0) for name in self.experts}
         self.service = {name: ServiceRate() for name in self.experts}
         self.routed: dict[str, int] = defaultdict(int)
@@ -210,6 +219,8 @@ class CoeIngress:
                                     boundaries=[1, 2, 5, 10, 15, 20, 30, 50, 100, 200, 500])
         self.m_fallbacks = Counter("coe_fallbacks", description="Fallback decisions by reason.", tag_keys=("reason",))
         self.m_errors = Counter("coe_errors", description="Failed requests by error type.", tag_keys=("type",))
+        self.m_retries = Counter("coe_retries", description="Expert calls retried on another candidate or replica "
+                                 "after a failure before the first byte.", tag_keys=("expert", "error"))
         self._report_task = None
         if controller is not None:
             self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
@@ -295,7 +306,7 @@ class CoeIngress:
         return Overflow(occupancy=np.array([self.in_flight.get(n, 0) for n in names], dtype=np.float64),
                         capacity=np.array(capacity, dtype=np.float64), t_spill=np.array(t_spill, dtype=np.float64))
 
-    def _account_decision(self, request_id: str, decision: RoutingDecision, query: str) -> None:
+    def _account_decision(self, request_id: str, decision: RoutingDecision, query: str) -> dict[str, Any]:
         # Demand, not placement: the controller weighs each expert by the requests it is best for.
         best_expert = decision.extra.get("best_expert", decision.expert)
         self.routed[best_expert] += 1
@@ -318,6 +329,7 @@ class CoeIngress:
         if self.config.controller.record_prompts:
             record["prompt"] = query
         self.pending_decisions.append(record)
+        return record
 
     def _relievable(self, scores: dict[str, float]) -> bool:
         """Whether a higher t could move this request (:func:`coe.control.relievable`)."""
@@ -356,11 +368,20 @@ class CoeIngress:
     # ---------- request handling ----------
 
     async def _read_json(self, request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InvalidRequestError(f"request body is not valid JSON: {err}") from None
+        """The decoded body, held to server.limits: 413 past max_body_bytes (by Content-Length before reading, and
+        while reading), 400 for bad JSON (:func:`coe.protocol.read_json_body`)."""
+        limits = self.config.server.limits
+        declared = request.headers.get("content-length", "")
+        too_big = RequestTooLargeError(f"request body is larger than {limits.max_body_bytes} bytes", param="body")
+        if declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise too_big
+            chunks.append(chunk)
+        return read_json_body(b"".join(chunks), limits)
 
     def _threshold_of(self, model: str, options: CoeOptions | None) -> float:
         """t for one `coe-auto` request: the request's own (model suffix or body), else the current t; capped."""
@@ -382,20 +403,22 @@ class CoeIngress:
         return min(t, cap) if cap is not None else t
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _route_batched(self, items: list[tuple[str, float, float]]) -> list[RoutingDecision]:
+    async def _route_batched(self, items: list[tuple[str, float, float]]) -> list[RoutingDecision | Exception]:
         """Concurrent routing decisions share one encoder pass (Serve's dynamic batching). Items: (query, t,
-        t_spill)."""
+        t_spill). If the batch fails, each item is routed alone, so one bad item fails only its own request."""
         loop = asyncio.get_running_loop()
         queries, thresholds = [q for q, _, _ in items], [t for _, t, _ in items]
         penalties = self.routing_penalties()
         overflow = self.overflow([ts for _, _, ts in items]) if any(ts > t for _, t, ts in items) else None
         t0 = time.perf_counter()
+
         decisions = await loop.run_in_executor(
-            None, lambda: self.router.route_each(queries, list(thresholds), penalties, overflow))
+            None, lambda: route_isolated(self.router, queries, list(thresholds), penalties, overflow))
         ms = (time.perf_counter() - t0) * 1e3
         for d in decisions:
-            d.extra["route_ms"] = ms
-            d.extra["batch_size"] = len(items)
+            if isinstance(d, RoutingDecision):
+                d.extra["route_ms"] = ms
+                d.extra["batch_size"] = len(items)
         return decisions
 
     async def _route(self, model: str, query: str, options: CoeOptions | None = None
@@ -412,6 +435,9 @@ class CoeIngress:
         own_t = "@" in model or (options is not None and options.quality_threshold is not None)
         t0 = time.perf_counter()
         decision = await self._route_batched((query, threshold, self.spill_threshold(threshold, options, own_t)))
+        if isinstance(decision, Exception):
+            logger.warning("routing failed for one request: %s: %s", type(decision).__name__, decision)
+            raise decision if isinstance(decision, CoeError) else CoeError("routing failed") from None
         decision.extra["own_threshold"] = own_t  # quality given up by choice is not debt to the load controller
         decision.extra["route_ms"] = (time.perf_counter() - t0) * 1e3  # queueing for the batch included
         if not self.router.uses_threshold:
@@ -431,24 +457,94 @@ class CoeIngress:
             logger.info("ignoring unsupported request fields: %s", ignored)
         return _Prepared(expert=expert, prompt=req.to_engine_prompt(expert), params=params, decision=decision)
 
-    def _headers(self, prep: _Prepared) -> dict[str, str]:
+    def _headers(self, prep: _Prepared, failed: list[str] | None = None,
+                 record: dict[str, Any] | None = None) -> dict[str, str]:
+        """Response headers; `failed`: experts whose call failed before this one answered (retries)."""
         h = {"x-coe-expert": prep.expert.name}
+        reason = [f"retry_after_failure({e})" for e in failed or []]
         if prep.decision is not None:
             h["x-coe-confidence"] = f"{prep.decision.confidence:.4f}"
-            h["x-coe-route-reason"] = prep.decision.reason
+            reason.insert(0, prep.decision.reason)
             h["x-coe-route-ms"] = f"{prep.decision.extra['route_ms']:.2f}"
             if prep.decision.threshold is not None:
                 h["x-coe-threshold"] = f"{prep.decision.threshold:g}"
+        if reason:
+            h["x-coe-route-reason"] = ";".join(reason)
+        if failed and record is not None:  # the decision log says who answered after which failures
+            record["expert"] = prep.expert.name
+            record["retried_after"] = list(failed)
         return h
+
+    def _attempts(self, prep: _Prepared, req: ChatCompletionRequest | CompletionRequest,
+                  principal: Principal) -> list[tuple[ExpertConfig, EnginePrompt, SamplingParams]]:
+        """(expert, prompt, params) to try in order: the chosen expert, then up to server.retries more. Pinned:
+        the same expert again (Serve sends the retry to a live replica). coe-auto: the next candidates of the
+        decision (:func:`coe.control.fallback_order`); one whose limits the request exceeds is skipped."""
+        n = self.config.server.retries
+        first = (prep.expert, prep.prompt, prep.params)
+        if prep.decision is None:
+            return [first] * (1 + n)
+        d = prep.decision
+        order = fallback_order(d.scores, {e: x.price_per_1k_tokens for e, x in self.experts.items()}, d.expert,
+                               d.threshold or 0.0, self.router.fallback_expert, principal.experts)
+        out = [first]
+        for name in order:
+            if len(out) > n:
+                break
+            e = self.experts[name]
+            try:
+                out.append((e, req.to_engine_prompt(e), req.to_sampling_params(e)))
+            except InvalidRequestError:
+                continue
+        return out
+
+    async def _generate(self, expert: ExpertConfig, prompt: EnginePrompt, params: SamplingParams) -> dict[str, Any]:
+        """One non-streaming call, held to the expert's total timeout (GatewayTimeoutError), with load tracking."""
+        name = expert.name
+        t0 = time.time()
+        self.service[name].started(t0, self.in_flight[name])
+        self.in_flight[name] += 1
+        response = self.handles[name].generate.remote(prompt, params)
+        try:
+            out = await asyncio.wait_for(response, expert.timeouts.total_s)
+        except TimeoutError:
+            response.cancel()
+            raise GatewayTimeoutError(f"expert '{name}' did not answer within {expert.timeouts.total_s:g} s") from None
+        finally:
+            self.in_flight[name] -= 1
+            self.service[name].finished(time.time())
+        self.latency[name].add(time.time(), None, (time.time() - t0) * 1e3)
+        return out
+
+    def _retry(self, exc: Exception, name: str, i: int, attempts: list[Any], failed: list[str]) -> bool:
+        """Whether to go on to attempt i + 1 after `exc` from expert `name` (only for failures of the call itself:
+        replica died or unavailable, queue full, timed out)."""
+        err = as_coe_error(exc)
+        if not isinstance(err, RETRYABLE) or i + 1 >= len(attempts):
+            return False
+        failed.append(name)
+        nxt = attempts[i + 1][0].name
+        self.m_retries.inc(tags={"expert": name, "error": err.error_type})
+        logger.warning("expert %s failed (%s: %s); retrying on %s", name, err.error_type, err.message, nxt)
+        return True
 
     async def _handle(self, request: Request, kind: str) -> Response:
         request_id = current_request_id()
         expert_name: str | None = None
+        cap = self.config.server.max_ongoing_requests + self.config.server.max_queued_requests
+        if self.active >= cap:
+            err = OverloadedError(f"coe is at capacity ({cap} requests in this ingress replica); retry later",
+                                  headers={"retry-after": "1"})
+            self.m_errors.inc(tags={"type": err.error_type})
+            return error_response(err, None, request_id)
+        self.active += 1
+        streaming = False
         try:
             principal = await self._principal(request)
             body = await self._read_json(request)
             req_cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
             req = parse_request(req_cls, body)
+            dropped = check_request(req, self.config.server.limits)
             if req.model in self.experts:
                 self.auth.check_expert(principal, req.model)
             # The limit check (a Redis round trip) overlaps routing (an encoder pass); a refused request is a 429.
@@ -458,22 +554,29 @@ class CoeIngress:
             finally:
                 limit_headers = await admission
             expert_name = prep.expert.name
+            record = None
             if prep.decision is not None:
-                self._account_decision(request_id, prep.decision, req.query_text())
-            headers = {**limit_headers, **self._headers(prep)}
+                record = self._account_decision(request_id, prep.decision, req.query_text())
+            attempts = self._attempts(prep, req, principal)
+            extra = dict(limit_headers)
+            if dropped:
+                extra["x-coe-dropped-params"] = ",".join(dropped)
             if req.stream:
                 include_usage = bool((req.stream_options or {}).get("include_usage"))
-                return await self._stream(kind, prep, headers, include_usage, principal)
-            t0 = time.time()
-            self.service[expert_name].started(t0, self.in_flight[expert_name])
-            self.in_flight[expert_name] += 1
-            try:
-                out = await self.handles[expert_name].generate.remote(prep.prompt, prep.params)
-            finally:
-                self.in_flight[expert_name] -= 1
-                self.service[expert_name].finished(time.time())
-            ms = (time.time() - t0) * 1e3
-            self.latency[expert_name].add(time.time(), None, ms)
+                response = await self._stream(kind, prep, attempts, extra, include_usage, principal, record)
+                streaming = True  # the stream's body releases the admission slot when it ends
+                return response
+            failed: list[str] = []
+            for i, (expert, prompt, params) in enumerate(attempts):
+                expert_name = expert.name
+                try:
+                    out = await self._generate(expert, prompt, params)
+                    break
+                except Exception as exc:  # noqa: BLE001 - retried on the next candidate, or raised
+                    if not self._retry(exc, expert.name, i, attempts, failed):
+                        raise
+            prep = _Prepared(expert=expert, prompt=prompt, params=params, decision=prep.decision)
+            headers = {**extra, **self._headers(prep, failed, record)}
             usage = Usage.of(out["prompt_tokens"], out["completion_tokens"])
             self._account_usage(principal, prep.expert, usage.total_tokens)
             self.m_requests.inc(tags={"expert": expert_name, "routed": str(prep.decision is not None).lower()})
@@ -489,14 +592,38 @@ class CoeIngress:
             if err.status_code >= 500:
                 logger.warning("request %s failed: %s", request_id, err.message)
             return error_response(err, expert_name, request_id)
+        finally:
+            if not streaming:
+                self.active -= 1
 
     async def _stream(
-        self, kind: str, prep: _Prepared, headers: dict[str, str], include_usage: bool, principal: Principal
+        self, kind: str, prep: _Prepared, attempts: list[tuple[ExpertConfig, EnginePrompt, SamplingParams]],
+        extra: dict[str, str], include_usage: bool, principal: Principal, record: dict[str, Any] | None,
     ) -> Response:
-        name = prep.expert.name
-        t0 = time.time()
-        self.service[name].started(t0, self.in_flight[name])
-        self.in_flight[name] += 1
+        failed: list[str] = []
+        # Wait for the first delta before answering, so errors found before generation (context length, an
+        # unavailable or hung expert) get their real status, or a retry on the next candidate, not a 200 stream.
+        for i, (expert, prompt, params) in enumerate(attempts):
+            name = expert.name
+            t0 = time.time()
+            self.service[name].started(t0, self.in_flight[name])
+            self.in_flight[name] += 1
+            gen = self.stream_handles[name].stream.remote(prompt, params)
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), expert.timeouts.ttft_s)
+            except StopAsyncIteration:
+                first = None
+            except BaseException as exc:
+                gen.cancel()
+                self.in_flight[name] -= 1
+                self.service[name].finished(time.time())
+                if isinstance(exc, TimeoutError):
+                    exc = GatewayTimeoutError(f"expert '{name}' sent no token within {expert.timeouts.ttft_s:g} s")
+                if isinstance(exc, Exception) and self._retry(exc, name, i, attempts, failed):
+                    continue
+                raise exc from None
+            break
+        deadline = t0 + expert.timeouts.total_s
         done = False
 
         def finish(ttft_ms: float | None) -> None:
@@ -507,16 +634,8 @@ class CoeIngress:
                 self.service[name].finished(time.time())
                 self.latency[name].add(time.time(), ttft_ms, (time.time() - t0) * 1e3)
 
-        gen = self.stream_handles[name].stream.remote(prep.prompt, prep.params)
-        # Wait for the first delta before answering, so errors found before generation
-        # (context length, unavailable expert) get their real status instead of a 200 stream.
-        try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            finish(None)
-            raise
+        prep = _Prepared(expert=expert, prompt=prompt, params=params, decision=prep.decision)
+        headers = {**extra, **self._headers(prep, failed, record)}
         ttft = (time.time() - t0) * 1e3
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         created = int(time.time())
@@ -552,7 +671,15 @@ class CoeIngress:
                     for f in chunk_frames(first):
                         yield f
                     tokens = first["prompt_tokens"] + first["completion_tokens"]
-                    async for item in gen:
+                    while True:
+                        try:
+                            item = await asyncio.wait_for(gen.__anext__(), max(0.001, deadline - time.time()))
+                        except StopAsyncIteration:
+                            break
+                        except TimeoutError:
+                            gen.cancel()
+                            raise GatewayTimeoutError(f"expert '{name}' did not finish within "
+                                                      f"{expert.timeouts.total_s:g} s") from None
                         tokens = item["prompt_tokens"] + item["completion_tokens"]
                         for f in chunk_frames(item):
                             yield f
@@ -565,7 +692,8 @@ class CoeIngress:
                 yield frame(err.to_body(current_request_id()))
             finally:
                 finish(ttft)
-                self._account_usage(principal, prep.expert, tokens)
+                self.active -= 1
+                self._account_usage(principal, expert, tokens)
                 self.m_requests.inc(tags={"expert": name, "routed": str(prep.decision is not None).lower()})
             yield "data: [DONE]\n\n"
 
@@ -585,6 +713,7 @@ class CoeIngress:
             body = {"model": AUTO_MODEL, **body}
             req_cls = ChatCompletionRequest if "messages" in body else CompletionRequest
             req = parse_request(req_cls, body)
+            check_request(req, self.config.server.limits)
             if req.model in self.experts:
                 raise InvalidRequestError(f"model '{req.model}' is an expert: nothing to route; use '{AUTO_MODEL}'",
                                           param="model")

@@ -11,6 +11,7 @@ import asyncio
 import codecs
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -55,6 +56,7 @@ class LlamaCppEngine:
         self._formatter: Any = None
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{expert.name}")
+        self._progress_at: float | None = None  # last token (or start) of the running generation; None: idle
 
     @property
     def context_length(self) -> int:
@@ -138,6 +140,7 @@ class LlamaCppEngine:
                 finish = "stop"
                 break
             n += 1
+            self._progress_at = time.monotonic()
             pending += decoder.decode(llm.detokenize([tok]))
             hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
             if hit >= 0:
@@ -170,9 +173,13 @@ class LlamaCppEngine:
         async with self._lock:
 
             def work() -> tuple[int, FinishReason]:
+                self._progress_at = time.monotonic()
                 try:
+                    if self._opts.debug_stall_s:  # testing only: hangs as a stuck replica would (deaf to cancel)
+                        time.sleep(self._opts.debug_stall_s)
                     return self._run(tokens, params, emit, cancelled)
                 finally:
+                    self._progress_at = None
                     loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
             future = loop.run_in_executor(self._executor, work)
@@ -200,8 +207,14 @@ class LlamaCppEngine:
         return await collect(self.stream(prompt, params))
 
     async def check_health(self) -> None:
+        """Unhealthy without a model, or when the running generation made no progress for timeouts.ttft_s (a
+        stuck replica: Serve replaces it)."""
         if self._llm is None:
             raise GenerationError(f"expert '{self._expert.name}' has no model loaded")
+        started = self._progress_at
+        limit = self._expert.timeouts.ttft_s
+        if started is not None and time.monotonic() - started > limit:
+            raise GenerationError(f"expert '{self._expert.name}': no token for more than {limit:g} s (stuck)")
 
     async def shutdown(self) -> None:
         async with self._lock:

@@ -64,3 +64,32 @@ def test_ambiguous_query_goes_to_fallback(router: EmbeddingRouter) -> None:
 def test_batch_matches_single(router: EmbeddingRouter) -> None:
     qs = ["Write a SQL join", "Translate 'cat' to French", "Tell me a joke"]
     assert [d.expert for d in router.route_batch(qs)] == [router.route(q).expert for q in qs]
+
+
+def test_one_bad_query_fails_only_its_own_slot_of_a_batch() -> None:
+    from coe.routing import Router, RoutingDecision, route_isolated
+
+    class Picky(Router):
+        def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
+            if any("boom" in q for q in queries):
+                raise ValueError("cannot encode")
+            return [RoutingDecision(expert="a", scores={"a": 1.0}, confidence=1.0, reason="x") for _ in queries]
+
+    out = route_isolated(Picky(), ["q1", "boom", "q3"], [0.0, 0.0, 0.0])
+    assert [d.expert for d in (out[0], out[2])] == ["a", "a"]  # type: ignore[union-attr]
+    assert isinstance(out[1], ValueError)
+    assert len(route_isolated(Picky(), ["q1", "q2"], [None, None])) == 2
+    assert isinstance(route_isolated(Picky(), ["boom"], [None])[0], ValueError)
+
+
+def test_fallback_order_tries_the_next_candidates_then_the_fallback() -> None:
+    from coe.control import fallback_order
+
+    scores = {"big": 0.80, "mid": 0.78, "small": 0.75, "tiny": 0.40, "general": 0.50}
+    prices = {"big": 3.0, "mid": 2.0, "small": 1.0, "tiny": 0.1, "general": 0.5}
+    # chosen small (cheapest within t=0.06): then the others within t, cheapest first, then the fallback
+    assert fallback_order(scores, prices, "small", 0.06, "general") == ["mid", "big", "general"]
+    assert fallback_order(scores, prices, "big", 0.0, "general") == ["general"]
+    assert fallback_order(scores, prices, "small", 0.06, "general", allowed={"small", "big"}) == ["big"]
+    assert fallback_order(scores, prices, "general", 0.5, "general") == ["tiny", "small", "mid", "big"]
+    assert fallback_order({}, prices, "big", 0.1, "general") == ["general"]

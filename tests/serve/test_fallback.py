@@ -1,0 +1,95 @@
+"""Failed expert calls before the first byte: timeouts, retries on the next candidate, the stuck replica replaced.
+
+A second application, `coe-faults` at /faults: `code` is a real SmolLM2 replica made to hang before its first
+token (llama_cpp.debug_stall_s, deaf to cancellation, as a stuck replica is) with short timeouts, `general` is a
+healthy one and the fallback. The embedding router sends code questions to `code`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.serve import api
+
+pytestmark = pytest.mark.serve
+
+PREFIX = "/faults"
+CODE_Q = "Write a Python function that reverses a linked list."
+
+
+@pytest.fixture(scope="module")
+def faults_url(coe_url: str) -> Iterator[str]:
+    from ray import serve
+
+    from coe.config import EmbeddingRouterConfig, load_config
+    from deployments.app import build_from_config
+
+    cfg = load_config("cpu-default")
+    general = cfg.expert("general").model_copy(deep=True)
+    code = cfg.expert("code").model_copy(deep=True)
+    for e in (general, code):
+        e.resources.num_cpus = 0.1
+    code.llama_cpp.debug_stall_s = 600.0  # type: ignore[union-attr]
+    code.timeouts.ttft_s, code.timeouts.total_s = 1.5, 3.0
+    cfg.experts = [general, code]
+    cfg.app_name = "coe-faults"
+    cfg.router = EmbeddingRouterConfig(fallback_expert="general")
+    cfg.controller.enabled = False
+    cfg.server.ingress_num_cpus = 0.02
+    serve.run(build_from_config(cfg), name="coe-faults", route_prefix=PREFIX, blocking=False)
+    api.wait_ready(f"{coe_url}{PREFIX}")
+    try:
+        yield f"{coe_url}{PREFIX}"
+    finally:
+        serve.delete("coe-faults")
+
+
+def _code_replicas() -> set[str]:
+    """Live replicas of coe-faults' `code` (Serve names each replica's actor after its replica id)."""
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if "coe-faults#code#" in a["name"]}
+
+
+def test_a_hung_expert_times_out_and_the_request_is_answered_by_the_next_candidate(faults_url: str) -> None:
+    before = _code_replicas()
+    assert len(before) == 1
+    t0 = time.monotonic()
+    r = api.post(f"{faults_url}/v1/chat/completions", timeout=60, json={
+        "model": "coe-auto", "messages": [{"role": "user", "content": CODE_Q}], "max_tokens": 4})
+    took = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    assert r.headers["x-coe-expert"] == "general"
+    assert "retry_after_failure(code)" in r.headers["x-coe-route-reason"]
+    assert 3.0 <= took < 20, took  # code's total timeout, then general's answer
+    assert r.json()["choices"][0]["message"]["content"] is not None
+
+    # streaming: the first token's timeout fires, and the stream comes from general
+    with api.stream("POST", f"{faults_url}/v1/chat/completions", timeout=60, json={
+            "model": "coe-auto", "messages": [{"role": "user", "content": CODE_Q}], "max_tokens": 4,
+            "stream": True}) as s:
+        assert s.status_code == 200 and s.headers["x-coe-expert"] == "general"
+        assert "retry_after_failure(code)" in s.headers["x-coe-route-reason"]
+        lines = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and json.loads(lines[1][6:])["model"] == "general"
+
+    # pinned: retried on the same expert (no other replica), then a 504 in the OpenAI error shape
+    r = api.post(f"{faults_url}/v1/chat/completions", timeout=60, json={
+        "model": "code", "messages": [{"role": "user", "content": CODE_Q}], "max_tokens": 4})
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["type"] == "timeout" and r.headers["x-coe-expert"] == "code"
+
+    # the stuck replica fails its health check (no token for more than ttft_s) and Serve replaces it
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        now = _code_replicas()
+        if now and not (now & before):
+            break
+        time.sleep(1.0)
+    else:
+        pytest.fail(f"the stuck replica {before} was not replaced within 120 s")

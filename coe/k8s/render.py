@@ -547,6 +547,12 @@ def _head_group(config: CoeConfig, options: ClusterOptions) -> dict[str, Any]:
     }
 
 
+def drain_seconds(config: CoeConfig) -> int:
+    """terminationGracePeriodSeconds for pods that host replicas: Serve's graceful shutdown (the longest expert
+    call, experts[].timeouts.total_s, + 5 s; deployments/app.py, deployments/expert.py) plus 30 s for Ray."""
+    return int(math.ceil(max(e.timeouts.total_s for e in config.experts))) + 5 + 30
+
+
 def _worker_group(plan: GroupPlan, config: CoeConfig, options: ClusterOptions) -> dict[str, Any]:
     gpu = plan.gpus > 0
     port = config.server.port
@@ -567,7 +573,9 @@ def _worker_group(plan: GroupPlan, config: CoeConfig, options: ClusterOptions) -
     volumes: list[dict[str, Any]] = [*_tmp_volumes(options), _empty_dir("cache", cache_gib), _admin_key_volume(),
                                      {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
     spec: dict[str, Any] = {"securityContext": _pod_security(RAY_UID, RAY_GID), "containers": [container],
-                            "volumes": volumes}
+                            "volumes": volumes,
+                            # a draining pod lets the requests it holds finish (no lost requests on scale-down)
+                            "terminationGracePeriodSeconds": drain_seconds(config)}
     if gpu:
         gg = options.gpu_group
         spec["nodeSelector"] = dict(gg.node_selector)

@@ -1254,6 +1254,16 @@ def _redis_host_port(url: str) -> tuple[str, int | None]:
     return (u.hostname or "").lower(), port
 
 
+def _longest_call_s(spec: dict[str, Any]) -> float:
+    """The longest expert call the app allows (experts[].timeouts.total_s in config_inline; 240 s by default)."""
+    try:
+        cfg = yaml.safe_load(spec.get("serveConfigV2") or "") or {}
+        experts = cfg["applications"][0]["args"]["config_inline"]["experts"]
+        return max(float((e.get("timeouts") or {}).get("total_s", 240.0)) for e in experts)
+    except (yaml.YAMLError, KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return 240.0
+
+
 def _coe_worker_rules(ctx: Context, obj: Obj) -> None:
     """coe's env (its own state Redis, no obsolete COE_API_KEYS) and the ingress readiness probe on CPU workers."""
     spec = obj.doc.get("spec") or {}
@@ -1288,6 +1298,12 @@ def _coe_worker_rules(ctx: Context, obj: Obj) -> None:
                 ctx.add(obj, f"{cw}.env.COE_REDIS_URL",
                         f"COE_REDIS_URL is on the GCS Redis ({gcs_host}): coe's state needs its own Redis (e.g. "
                         f"{R.STATE_REDIS_NAME}) so its counters filling memory can never stop GCS writes")
+        grace = (g.template.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+        need = _longest_call_s(spec) + 5
+        if isinstance(grace, int) and grace < need:
+            ctx.add(obj, f"{g.where}.spec.terminationGracePeriodSeconds",
+                    f"{grace} s is shorter than Serve's graceful shutdown ({need:g} s: the longest expert call, "
+                    "experts[].timeouts.total_s, + 5 s): Kubernetes would kill requests a draining replica still holds")
         if _gpu_count(c) == 0:
             probe = c.get("readinessProbe") or {}
             hg = probe.get("httpGet") or {}

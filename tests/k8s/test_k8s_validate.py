@@ -847,3 +847,12 @@ def test_digest_pinned_production_render_has_no_warning(tmp_path: Path) -> None:
     text = (tmp_path / "overlays/gpu-prod/rayservice.yaml").read_text()
     assert "image: ghcr.io/coe-project/coe:0.1.0-gpu@sha256:" + "b" * 64 in text
     assert "redis:7.4-alpine@sha256:" + "c" * 64 in (tmp_path / "base/redis.yaml").read_text()
+
+
+def test_worker_grace_period_shorter_than_the_longest_call_is_caught(built: Built) -> None:
+    """A draining worker must outlive Serve's graceful shutdown, or Kubernetes kills requests it still holds."""
+    def mutate(d: dict[str, Any], _: list[Obj]) -> None:
+        for g in worker_groups(d):
+            g["template"]["spec"]["terminationGracePeriodSeconds"] = 30
+
+    assert_caught(problems_after(built, "cpu-demo", mutate), "terminationGracePeriodSeconds", "graceful shutdown")

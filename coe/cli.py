@@ -36,8 +36,12 @@ def ensure_router_artifact(config: CoeConfig, *, demo_ok: bool) -> None:
         return
     path = rc.artifact_path()
     if not demo_ok:
-        raise RouterArtifactError(
-            f"router artifact {path} not found: train it with `coe router train --data FILE --out {path}`")
+        msg = f"router artifact {path} not found: train it with `coe router train --data FILE --out {path}`"
+        if rc.require_artifact:
+            raise RouterArtifactError(msg)
+        print(f"[coe] WARNING: {msg}; starting DEGRADED: coe-auto goes to '{rc.fallback_expert}' "
+              "(router.require_artifact: true refuses instead)", file=sys.stderr, flush=True)
+        return
     from coe.encoder import SentenceEncoder
     from coe.routerdc import save_artifact
     from router_models.data import RoutingData

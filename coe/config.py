@@ -296,6 +296,10 @@ class RouterDCConfig(StrictModel):
     threshold: float = Field(
         0.0, ge=0.0, description="Resting cost/quality threshold t: cheapest expert within t of the best quality."
     )
+    require_artifact: bool = Field(
+        False, description="Refuse to start when the artifact is missing or corrupt. Off: coe starts degraded, "
+        "coe-auto goes to fallback_expert (reason fallback:router_unavailable), pinned models work, /ready and the "
+        "coe_router_degraded metric say so.")
     batch_max_size: int = Field(32, ge=1, description="Concurrent routing decisions encoded in one batch.")
     batch_wait_timeout_s: float = Field(0.002, ge=0.0, description="How long a batch waits to fill.")
 
@@ -433,6 +437,10 @@ class CoeConfig(StrictModel):
                 raise ValueError(f"expert '{e.name}': timeouts.total_s ({e.timeouts.total_s}) must be below "
                                  f"server.request_timeout_s ({self.server.request_timeout_s}), or the HTTP proxy "
                                  "gives up first and no retry or 504 can be sent")
+        if isinstance(self.router, RouterDCConfig) and not self.router.require_artifact \
+                and self.router.fallback_expert is None:
+            raise ValueError("router.fallback_expert is needed unless router.require_artifact is true: it answers "
+                             "coe-auto while the router artifact is unavailable")
         if self.router.fallback_expert is not None and self.router.fallback_expert not in names:
             raise ValueError(
                 f"router.fallback_expert '{self.router.fallback_expert}' is not an expert ({names})"

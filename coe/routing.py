@@ -61,6 +61,27 @@ class Router(abc.ABC):
         return self.route_batch([query], threshold=threshold)[0]
 
 
+class DegradedRouter(Router):
+    """Stands in while the trained router cannot load: every coe-auto request goes to the fallback expert."""
+
+    def __init__(self, experts: list[str], fallback_expert: str, why: str) -> None:
+        self._experts = list(experts)
+        self._fallback = fallback_expert
+        self.why = why
+
+    @property
+    def experts(self) -> list[str]:
+        return list(self._experts)
+
+    @property
+    def fallback_expert(self) -> str | None:
+        return self._fallback
+
+    def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
+        return [RoutingDecision(expert=self._fallback, scores={}, confidence=0.0,
+                                reason="fallback:router_unavailable") for _ in queries]
+
+
 def route_isolated(router: Router, queries: list[str], thresholds: list[float | None],
                    penalties: dict[str, float] | None = None,
                    overflow: Overflow | None = None) -> list[RoutingDecision | Exception]:
@@ -158,11 +179,19 @@ class EmbeddingRouter(Router):
 
 
 def build_router(config: CoeConfig) -> Router:
-    """The router the config asks for (a RouterDC artifact is checked against the config's experts)."""
+    """The router the config asks for (a RouterDC artifact is checked against the config's experts). A missing or
+    corrupt artifact gives a :class:`DegradedRouter` unless router.require_artifact (then RouterArtifactError)."""
     rc = config.router
     if rc.kind == "routerdc":
+        from coe.errors import RouterArtifactError
         from coe.routerdc import RouterDCRouter  # imports this module: keep the import here
 
-        return RouterDCRouter(rc.artifact_path(), expected_experts=[e.name for e in config.experts], threshold=rc.threshold,
-                              fallback_expert=rc.fallback_expert, min_confidence=rc.min_confidence)
+        try:
+            return RouterDCRouter(rc.artifact_path(), expected_experts=[e.name for e in config.experts],
+                                  threshold=rc.threshold, fallback_expert=rc.fallback_expert,
+                                  min_confidence=rc.min_confidence)
+        except RouterArtifactError as err:
+            if rc.require_artifact or rc.fallback_expert is None:
+                raise
+            return DegradedRouter([e.name for e in config.experts], rc.fallback_expert, err.message)
     return EmbeddingRouter(config)

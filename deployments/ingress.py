@@ -63,7 +63,7 @@ from coe.protocol import (
     parse_request,
     read_json_body,
 )
-from coe.routing import Router, RoutingDecision, build_router, route_isolated
+from coe.routing import DegradedRouter, Router, RoutingDecision, build_router, route_isolated
 
 logger = logging.getLogger("ray.serve")
 
@@ -167,7 +167,11 @@ class CoeIngress:
         # threads inherit (measured: routing 23 ms when built in an executor thread, vs ~12 ms).
         self.router: Router = build_router(self.config)
         rc = self.config.router
-        if rc.kind == "routerdc":
+        if isinstance(self.router, DegradedRouter):
+            logger.error("router DEGRADED: %s; coe-auto goes to '%s' until the artifact is fixed and the app "
+                         "redeployed (router.require_artifact: true refuses to start instead)", self.router.why,
+                         self.router.fallback_expert)
+        elif rc.kind == "routerdc":
             self._route_batched.set_max_batch_size(rc.batch_max_size)
             self._route_batched.set_batch_wait_timeout_s(rc.batch_wait_timeout_s)
         self.resting_threshold = rc.threshold if rc.kind == "routerdc" else 0.0
@@ -219,6 +223,9 @@ class CoeIngress:
                                     boundaries=[1, 2, 5, 10, 15, 20, 30, 50, 100, 200, 500])
         self.m_fallbacks = Counter("coe_fallbacks", description="Fallback decisions by reason.", tag_keys=("reason",))
         self.m_errors = Counter("coe_errors", description="Failed requests by error type.", tag_keys=("type",))
+        self.m_degraded = Gauge("coe_router_degraded", description="1 while the router artifact is unavailable "
+                                "and coe-auto goes to the fallback expert.")
+        self.m_degraded.set(1.0 if isinstance(self.router, DegradedRouter) else 0.0)
         self.m_retries = Counter("coe_retries", description="Expert calls retried on another candidate or replica "
                                  "after a failure before the first byte.", tag_keys=("expert", "error"))
         self._report_task = None
@@ -769,7 +776,9 @@ class CoeIngress:
                 "replica_states": {str(k): int(v) for k, v in (dep.replica_states.items() if dep else [])},
                 "ready": running > 0,
             }
-        return {"ready": all(e["ready"] for e in experts.values()), "experts": experts}
+        router = ({"status": "degraded", "reason": "the router artifact is unavailable: coe-auto goes to "
+                   f"'{self.router.fallback_expert}'"} if isinstance(self.router, DegradedRouter) else {"status": "ok"})
+        return {"ready": all(e["ready"] for e in experts.values()), "experts": experts, "router": router}
 
     async def _state(self, principal: Principal) -> dict[str, Any]:
         state: dict[str, Any] = {"threshold": self.state.to_dict() if self.state else None,

@@ -93,3 +93,35 @@ def test_a_hung_expert_times_out_and_the_request_is_answered_by_the_next_candida
         time.sleep(1.0)
     else:
         pytest.fail(f"the stuck replica {before} was not replaced within 120 s")
+
+
+def test_a_missing_router_artifact_starts_degraded(coe_url: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """coe-auto goes to the fallback expert, pinned models work, /ready says the router is degraded."""
+    from ray import serve
+
+    from coe.config import load_config
+    from deployments.app import build_from_config
+
+    cfg = load_config("cpu-default")
+    general = cfg.expert("general").model_copy(deep=True)
+    general.resources.num_cpus = 0.1
+    cfg.experts = [general]
+    cfg.app_name = "coe-degraded"
+    cfg.router.artifact = str(tmp_path_factory.mktemp("no-router") / "missing")
+    cfg.controller.enabled = False
+    cfg.server.ingress_num_cpus = 0.02
+    serve.run(build_from_config(cfg), name="coe-degraded", route_prefix="/degraded", blocking=False)
+    url = f"{coe_url}/degraded"
+    try:
+        api.wait_ready(url)
+        ready = api.get(f"{url}/ready").json()
+        assert ready["ready"] is True and ready["router"]["status"] == "degraded"
+        for model in ("coe-auto", "general"):
+            r = api.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": model, "messages": [{"role": "user", "content": CODE_Q}], "max_tokens": 2})
+            assert r.status_code == 200 and r.headers["x-coe-expert"] == "general", r.text
+        assert r.headers.get("x-coe-route-reason") is None  # pinned
+        r = api.post(f"{url}/v1/route", timeout=30, json={"messages": [{"role": "user", "content": CODE_Q}]})
+        assert r.json()["reason"] == "fallback:router_unavailable"
+    finally:
+        serve.delete("coe-degraded")

@@ -93,3 +93,23 @@ def test_fallback_order_tries_the_next_candidates_then_the_fallback() -> None:
     assert fallback_order(scores, prices, "small", 0.06, "general", allowed={"small", "big"}) == ["big"]
     assert fallback_order(scores, prices, "general", 0.5, "general") == ["tiny", "small", "mid", "big"]
     assert fallback_order({}, prices, "big", 0.1, "general") == ["general"]
+
+
+def test_a_missing_artifact_degrades_to_the_fallback_unless_required(tmp_path) -> None:  # noqa: ANN001
+    from coe.config import parse_config
+    from coe.errors import ConfigError, RouterArtifactError
+    from coe.routing import DegradedRouter, build_router
+
+    cfg = load_config("cpu-default")
+    cfg.router.artifact = str(tmp_path / "nothing-here")
+    r = build_router(cfg)
+    assert isinstance(r, DegradedRouter) and str(tmp_path / "nothing-here") in r.why
+    d = r.route("Write a Python function")
+    assert (d.expert, d.reason) == ("general", "fallback:router_unavailable")
+    cfg.router.require_artifact = True
+    with pytest.raises(RouterArtifactError):
+        build_router(cfg)
+    raw = cfg.model_dump()
+    raw["router"].update(require_artifact=False, fallback_expert=None)
+    with pytest.raises(ConfigError, match="fallback_expert is needed"):
+        parse_config(raw)

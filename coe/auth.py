@@ -439,10 +439,11 @@ class RedisAuthStore(AuthStore):
 
         self.prefix = prefix
         self._clock = clock
-        self._redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=socket_timeout_s, socket_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 0), retry_on_timeout=False, decode_responses=True,
-            health_check_interval=0, max_connections=max_connections)
+        pool = aioredis.BlockingConnectionPool.from_url(  # bounded: a burst waits for a connection
+            url, max_connections=max_connections, timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
+            socket_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
+            decode_responses=True, health_check_interval=0)
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._admit = self._redis.register_script(_ADMIT_LUA)
         self._charge = self._redis.register_script(_CHARGE_LUA)
         self._get = self._redis.register_script(_GET_KEY_LUA)

@@ -93,6 +93,14 @@ class StateStore(abc.ABC):
         prompts are to be kept (ControllerConfig.record_prompts).
         """
 
+    async def add_report(self, debt: dict[str, list[float]], decisions: list[dict[str, Any]]) -> None:
+        """Write one ingress report's counters: each debt amount (one request each) and each decision record."""
+        for expert, amounts in debt.items():
+            for a in amounts:
+                await self.add_quality_debt(expert, a)
+        for d in decisions:
+            await self.record_decision(d)
+
     @abc.abstractmethod
     async def recent_decisions(self, n: int = 100) -> list[dict[str, Any]]:
         """The latest `n` decision records, oldest first."""
@@ -205,6 +213,7 @@ class RedisStateStore(StateStore):
         loads_ttl_s: float = 10.0,
         socket_timeout_s: float = 0.5,
         retry_after_s: float = 1.0,
+        max_connections: int = 32,
         clock: Clock = time.time,
     ) -> None:
         if not prefix:
@@ -217,8 +226,11 @@ class RedisStateStore(StateStore):
         self._clock = clock
         self._url = _redact(url)
         # No client-side retries: a failure goes straight to the fallback and the backoff below.
-        self._redis = aioredis.Redis.from_url(
+        # A bounded pool: a burst waits up to socket_timeout_s for a connection instead of opening hundreds.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
             socket_timeout=socket_timeout_s,
             retry=Retry(NoBackoff(), 0),
@@ -226,6 +238,7 @@ class RedisStateStore(StateStore):
             decode_responses=True,
             health_check_interval=0,
         )
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._op_budget_s = 3 * socket_timeout_s
         self._k_threshold = f"{prefix}threshold"
         self._k_history = f"{prefix}threshold:history"
@@ -432,6 +445,31 @@ class RedisStateStore(StateStore):
         return out
 
     # -- decisions ----------------------------------------------------------------------------
+
+    async def add_report(self, debt: dict[str, list[float]], decisions: list[dict[str, Any]]) -> None:
+        """One report in one pipeline (one round trip however many decisions and amounts it carries)."""
+        debt = {e: list(a) for e, a in debt.items() if a}
+        if not debt and not decisions:
+            return
+        now = self._clock()
+        raws = [_dumps({**d, "ts": d.get("ts", now)}) for d in decisions]
+
+        async def op(r: Any) -> Any:
+            pipe = r.pipeline(transaction=False)
+            if debt:
+                pipe.hincrbyfloat(self._k_debt, "total", float(sum(sum(a) for a in debt.values())))
+                pipe.hincrby(self._k_debt, "requests", sum(len(a) for a in debt.values()))
+                for expert, amounts in debt.items():
+                    pipe.hincrbyfloat(self._k_debt, f"expert:{expert}", float(sum(amounts)))
+            for raw in raws:
+                pipe.xadd(self._k_decisions, {"d": raw}, maxlen=self.decision_stream_max, approximate=True)
+            return await pipe.execute()
+
+        ok, _ = await self._run(op)
+        if not ok:
+            for expert, amounts in debt.items():
+                self._buffer(self._pending_debt, expert, [float(sum(amounts)), len(amounts)])
+            self.dropped_decisions += len(raws)
 
     async def record_decision(self, record: dict[str, Any]) -> None:
         rec = dict(record)

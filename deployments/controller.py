@@ -56,10 +56,7 @@ class CoeController:
     async def report(self, replica: str, report: dict[str, Any]) -> dict[str, Any]:
         """Take one ingress replica's report; return the current threshold state."""
         self.reports[replica] = (time.time(), report)
-        writes = [self.store.add_quality_debt(e, a) for e, amounts in report.get("debt", {}).items() for a in amounts]
-        writes += [self.store.record_decision(d) for d in report.get("decisions", [])]
-        if writes:
-            await asyncio.gather(*writes)
+        await self.store.add_report(report.get("debt", {}), report.get("decisions", []))  # one Redis pipeline
         return self.ctrl.state.to_dict()
 
     async def get_state(self) -> dict[str, Any]:

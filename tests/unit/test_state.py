@@ -211,3 +211,15 @@ def test_make_state_store_picks_the_backend() -> None:
     s = make_state_store(None, decision_stream_max=500)
     assert isinstance(s, InProcessStateStore)
     assert isinstance(make_state_store(""), InProcessStateStore)
+
+
+async def test_a_report_is_written_in_one_round_trip(store: StateStore) -> None:
+    decisions = [{"request_id": f"r{i}", "expert": "small"} for i in range(300)]
+    await store.add_report({"small": [0.01] * 250, "big": [0.0, 0.02]}, decisions)
+    debt = await store.get_quality_debt()
+    assert debt["requests"] == 252 and debt["total"] == pytest.approx(2.52)
+    assert debt["per_expert"] == {"small": pytest.approx(2.5), "big": pytest.approx(0.02)}
+    recent = await store.recent_decisions(1000)
+    assert [d["request_id"] for d in recent[-2:]] == ["r298", "r299"] and all("ts" in d for d in recent)
+    if isinstance(store, RedisStateStore):  # the pool is bounded
+        assert store._redis.connection_pool.max_connections == 32

@@ -81,7 +81,10 @@ def as_coe_error(exc: BaseException) -> CoeError:
 
     if isinstance(exc, BackPressureError):
         return OverloadedError("the expert's queue is full; retry later", headers={"retry-after": "1"})
-    if type(exc).__name__ in {"ActorDiedError", "ActorUnavailableError", "DeploymentUnavailableError"}:
+    from ray.exceptions import RayActorError
+
+    if isinstance(exc, RayActorError) or type(exc).__name__ in {"ActorDiedError", "ActorUnavailableError",
+                                                                  "DeploymentUnavailableError"}:
         return ExpertUnavailableError("the expert is unavailable; retry later")
     logger.exception("unexpected error", exc_info=exc)
     return CoeError("internal server error")

@@ -331,6 +331,20 @@ def check_request(req: ChatCompletionRequest | CompletionRequest, limits: Reques
     return set_
 
 
+class CreateKeyRequest(BaseModel):
+    """POST /v1/coe/keys (documentation of the body; coe.auth.Authenticator.create_key validates it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    team: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    rpm: int | None = Field(None, gt=0)
+    tpm: int | None = Field(None, gt=0)
+    budget_usd: float | None = Field(None, ge=0)
+    period: Literal["day", "week", "month"] | None = None
+    experts: list[str] | None = None
+    expires_at: str | float | None = Field(None, description="ISO date or datetime (UTC), or Unix time.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

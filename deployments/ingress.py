@@ -156,6 +156,32 @@ def build_authenticator(config: CoeConfig, settings: RuntimeSettings, bind_host:
                          [e.name for e in config.experts], shared=bool(settings.redis_url))
 
 
+def _body(name: str) -> dict[str, Any]:
+    """An OpenAPI requestBody referring to a request model's schema (added by :func:`_add_request_schemas`)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+
+def _add_request_schemas(app: FastAPI) -> None:
+    """Put the request models' JSON schemas into the app's OpenAPI components (FastAPI only knows typed bodies)."""
+    from fastapi.openapi.utils import get_openapi
+
+    from coe.protocol import ChatCompletionRequest, CompletionRequest, CreateKeyRequest
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ChatCompletionRequest, CompletionRequest, CreateKeyRequest):
+                s = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(s.pop("$defs", {}))
+                schemas[model.__name__] = s
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 @serve.ingress()
 class CoeIngress:
     """The HTTP front door; holds one handle per expert."""
@@ -801,15 +827,16 @@ class CoeIngress:
                       docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                       openapi_url="/openapi.json" if docs else None)
 
-        @app.post("/v1/chat/completions")
+        # The handlers read the raw body (limits before parsing); the OpenAPI document still describes each body.
+        @app.post("/v1/chat/completions", openapi_extra=_body("ChatCompletionRequest"))
         async def chat_completions(request: Request) -> Response:
             return await self._handle(request, "chat")
 
-        @app.post("/v1/completions")
+        @app.post("/v1/completions", openapi_extra=_body("CompletionRequest"))
         async def completions(request: Request) -> Response:
             return await self._handle(request, "completion")
 
-        @app.post("/v1/route")
+        @app.post("/v1/route", openapi_extra=_body("ChatCompletionRequest"))
         async def route(request: Request) -> Response:
             return await self._route_only(request)
 
@@ -826,7 +853,7 @@ class CoeIngress:
 
             return await self._guarded(request, False, fn)
 
-        @app.post("/v1/coe/keys")
+        @app.post("/v1/coe/keys", openapi_extra=_body("CreateKeyRequest"))
         async def create_key(request: Request) -> Response:
             async def fn(_: Principal) -> dict[str, Any]:
                 return await self.auth.create_key(await self._read_json(request))
@@ -860,6 +887,9 @@ class CoeIngress:
                          "request_id": current_request_id()}
             return JSONResponse(state, status_code=200 if state["ready"] else 503,
                                 headers={"x-coe-expert": "none"})
+
+        if docs:
+            _add_request_schemas(app)
 
         @app.exception_handler(404)
         async def not_found(request: Request, exc: Exception) -> Response:

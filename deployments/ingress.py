@@ -11,12 +11,10 @@ import json
 import logging
 import time
 import uuid
-from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,19 +23,9 @@ from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from coe.auth import Authenticator, Principal, make_auth_store
+from coe.load import IngressLoad
 from coe.config import AUTO_MODEL, CoeConfig, ExpertConfig, RuntimeSettings
-from coe.control import (
-    LatencyWindow,
-    Overflow,
-    ServiceRate,
-    ThresholdState,
-    capacity_per_replica,
-    choose_within_threshold,
-    fallback_order,
-    quality_given_up,
-    relievable,
-    slo_capacity,
-)
+from coe.control import ThresholdState
 from coe.engines import EnginePrompt, SamplingParams
 from coe.errors import (
     CoeError,
@@ -214,7 +202,7 @@ class CoeIngress:
         else:
             logger.warning("coe is OPEN: no admin key is set, so every request is accepted (serving on %s%s)", host,
                            "" if is_loopback(host) else ", --insecure-no-auth")
-        self.prices = np.array([self.experts[n].price_per_1k_tokens for n in self.router.experts], dtype=np.float64)
+        self.load = IngressLoad(self.config, self.router.experts, self.resting_threshold, self.router.uses_threshold)
         self._init_load_tracking(controller)
 
     # ---------- load tracking and the controller's threshold ----------
@@ -227,15 +215,7 @@ class CoeIngress:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 - outside a replica (tests)
             self.replica_id = uuid.uuid4().hex[:8]
-        self.in_flight: dict[str, int] = defaultdict(int)
         self.active = 0  # requests this replica holds (admission: server.max_ongoing + max_queued_requests)
-        self.latency = {name: LatencyWindow(window_s=10.0) for name in self.experts}
-        self.service = {name: ServiceRate() for name in self.experts}
-        self.routed: dict[str, int] = defaultdict(int)
-        self.relievable: dict[str, int] = defaultdict(int)  # demand a higher t could move (see coe.control)
-        self.pending_debt: dict[str, list[float]] = defaultdict(list)
-        self.pending_decisions: deque[dict[str, Any]] = deque(maxlen=2000)
-        self.state: ThresholdState | None = None
         self._controller_down = False
         settings = RuntimeSettings()
         self.store = None
@@ -269,20 +249,7 @@ class CoeIngress:
             await self.report_once()
 
     async def report_once(self) -> None:
-        now = time.time()
-        report = {
-            "in_flight": dict(self.in_flight),
-            "ttft_p99_ms": {n: w.p99(now).ttft_ms for n, w in self.latency.items()},
-            "total_p99_ms": {n: w.p99(now).total_ms for n, w in self.latency.items()},
-            "routed": dict(self.routed),
-            "relievable": dict(self.relievable),
-            "debt": dict(self.pending_debt),
-            "decisions": list(self.pending_decisions),
-        }
-        self.routed.clear()
-        self.relievable.clear()
-        self.pending_debt.clear()
-        self.pending_decisions.clear()
+        report = self.load.take_report()
         state: ThresholdState | None = None
         try:
             assert self.controller is not None
@@ -294,87 +261,23 @@ class CoeIngress:
         except Exception as err:  # noqa: BLE001 - keep routing with the last t
             if not self._controller_down:
                 logger.warning("load controller unreachable (%s): routing with the last t %.4f",
-                               type(err).__name__, self.current_threshold())
+                               type(err).__name__, self.load.current_threshold())
             self._controller_down = True
             if self.store is not None:  # another cluster's or the restarted controller's t
                 state = await self.store.get_threshold()
         if state is not None:
-            self.state = state
+            self.load.state = state
             self.m_threshold.set(state.t)
 
-    def current_threshold(self) -> float:
-        """The threshold for requests that do not set their own (the load controller moves it)."""
-        if self.state is None or not self.config.controller.enabled:
-            return self.resting_threshold
-        return max(self.state.t, self.resting_threshold)
-
-    def routing_penalties(self) -> dict[str, float] | None:
-        """Per-expert quality penalties from the load controller (None: no load information)."""
-        if self.state is None or not self.config.controller.enabled:
-            return None
-        return dict(self.state.penalties) or None
-
-    def spill_threshold(self, threshold: float, options: CoeOptions | None, own_t: bool) -> float:
-        """The t a request may use when its expert is full (overflow rule): t_max, within the request's cap.
-        Requests with their own t, or with the rule or the controller off, never spill (returns `threshold`)."""
-        cc = self.config.controller
-        if own_t or not cc.enabled or cc.overflow_load is None or not self.router.uses_threshold:
-            return threshold
-        cap = options.max_quality_threshold if options is not None else None
-        return max(threshold, cc.t_max if cap is None else min(cc.t_max, cap))
-
-    def overflow(self, t_spill: list[float]) -> Overflow | None:
-        """The overflow rule's inputs for one batch: this replica's in-flight requests per expert against its
-        share of each expert's capacity (from the controller; before its first reply, from the config)."""
-        cc = self.config.controller
-        if cc.overflow_load is None or not cc.enabled:
-            return None
-        names = self.router.experts
-        published = self.state.capacity if self.state is not None else {}
-        now = time.time()
-        # Full at the capacity target, or sooner where the expert's measured pace (busy seconds per request it
-        # returns to this replica) says a new request would finish beyond overflow_load x its SLO.
-        capacity = [min(published.get(n, max(1, self.experts[n].autoscaling.min_replicas)
-                                      * capacity_per_replica(self.experts[n]) * cc.overflow_load),
-                        slo_capacity(self.service[n].seconds_per_request(now),
-                                     self.experts[n].slo.total_ms / 1000.0, cc.overflow_load))
-                    for n in names]
-        return Overflow(occupancy=np.array([self.in_flight.get(n, 0) for n in names], dtype=np.float64),
-                        capacity=np.array(capacity, dtype=np.float64), t_spill=np.array(t_spill, dtype=np.float64))
-
     def _account_decision(self, request_id: str, decision: RoutingDecision, query: str) -> dict[str, Any]:
-        # Demand, not placement: the controller weighs each expert by the requests it is best for.
-        best_expert = decision.extra.get("best_expert", decision.expert)
-        self.routed[best_expert] += 1
-        if self._relievable(decision.scores):
-            self.relievable[best_expert] += 1
+        """Count the decision (coe.load) and its metrics; returns its decision-log record."""
+        acc = self.load.account_decision(request_id, decision, query)
         self.m_route_ms.observe(decision.extra.get("route_ms", 0.0))
         if decision.reason.startswith("fallback:"):
             self.m_fallbacks.inc(tags={"reason": decision.reason.split("(")[0].removeprefix("fallback:")})
-        best = decision.extra.get("best_expert")
-        if best and best != decision.expert and decision.expert in decision.scores and not \
-                decision.reason.startswith(("fallback:", "team_restricted")) and not decision.extra.get("own_threshold"):
-            amount = quality_given_up({best: decision.scores[best], decision.expert: decision.scores[decision.expert]},
-                                      decision.expert)
-            if amount > 0:
-                self.pending_debt[decision.expert].append(amount)
-                self.m_debt.inc(amount, tags={"expert": decision.expert})
-        record = {"request_id": request_id, "expert": decision.expert, "scores": decision.scores,
-                  "t": decision.threshold, "reason": decision.reason,
-                  "latency_ms": round(decision.extra.get("route_ms", 0.0), 3), "ts": time.time()}
-        if self.config.controller.record_prompts:
-            record["prompt"] = query
-        self.pending_decisions.append(record)
-        return record
-
-    def _relievable(self, scores: dict[str, float]) -> bool:
-        """Whether a higher t could move this request (:func:`coe.control.relievable`)."""
-        names = [n for n in scores if n in self.experts]
-        if not names:
-            return False
-        return bool(relievable(np.array([[scores[n] for n in names]]),
-                               np.array([self.experts[n].price_per_1k_tokens for n in names]),
-                               self.config.controller.t_max)[0])
+        if acc.debt > 0:
+            self.m_debt.inc(acc.debt, tags={"expert": decision.expert})
+        return acc.record
 
     def _account_usage(self, principal: Principal, expert: ExpertConfig, tokens: int) -> None:
         """Count one answered request for its team (usage, spend, the key's token bucket), once."""
@@ -383,23 +286,6 @@ class CoeIngress:
     async def _principal(self, request: Request) -> Principal:
         h = request.headers
         return await self.auth.authenticate(h.get("authorization"), h.get("x-api-key"))
-
-    def _restrict(self, decision: RoutingDecision, principal: Principal) -> RoutingDecision:
-        """Keep a team within its allowed experts: the cheapest allowed expert within t of the best allowed one."""
-        if principal.experts is None or decision.expert in principal.experts:
-            return decision
-        names = self.router.experts
-        allowed = np.array([n in principal.experts for n in names])
-        q = np.array([[decision.scores.get(n, -np.inf) for n in names]], dtype=np.float64)
-        q = np.where(allowed[None, :], q, -np.inf)
-        pen = self.routing_penalties()
-        penalties = None if not pen else np.array([[pen.get(n, 0.0) for n in names]])
-        k = int(choose_within_threshold(q, self.prices, decision.threshold or 0.0, penalties)[0])
-        if not allowed[k]:  # every allowed expert was excluded by load: take the best allowed one
-            k = int(np.where(allowed, q[0], -np.inf).argmax())
-        decision.reason = f"team_restricted({decision.expert}):{decision.reason}"
-        decision.expert = names[k]
-        return decision
 
     # ---------- request handling ----------
 
@@ -434,7 +320,7 @@ class CoeIngress:
                 raise InvalidRequestError("the model name and coe.quality_threshold give different thresholds",
                                           param="coe.quality_threshold")
             asked = from_name
-        t = asked if asked is not None else self.current_threshold()
+        t = asked if asked is not None else self.load.current_threshold()
         cap = options.max_quality_threshold if options is not None else None
         return min(t, cap) if cap is not None else t
 
@@ -444,8 +330,8 @@ class CoeIngress:
         t_spill). If the batch fails, each item is routed alone, so one bad item fails only its own request."""
         loop = asyncio.get_running_loop()
         queries, thresholds = [q for q, _, _ in items], [t for _, t, _ in items]
-        penalties = self.routing_penalties()
-        overflow = self.overflow([ts for _, _, ts in items]) if any(ts > t for _, t, ts in items) else None
+        penalties = self.load.routing_penalties()
+        overflow = self.load.overflow([ts for _, _, ts in items]) if any(ts > t for _, t, ts in items) else None
         t0 = time.perf_counter()
 
         decisions = await loop.run_in_executor(
@@ -470,7 +356,7 @@ class CoeIngress:
         threshold = self._threshold_of(model, options)
         own_t = "@" in model or (options is not None and options.quality_threshold is not None)
         t0 = time.perf_counter()
-        decision = await self._route_batched((query, threshold, self.spill_threshold(threshold, options, own_t)))
+        decision = await self._route_batched((query, threshold, self.load.spill_threshold(threshold, options, own_t)))
         if isinstance(decision, Exception):
             logger.warning("routing failed for one request: %s: %s", type(decision).__name__, decision)
             raise decision if isinstance(decision, CoeError) else CoeError("routing failed") from None
@@ -484,7 +370,7 @@ class CoeIngress:
         query = req.query_text()
         name, decision = await self._route(req.model, query, req.coe)
         if decision is not None:
-            decision = self._restrict(decision, principal)
+            decision = self.load.restrict(decision, principal.experts)
             name = decision.expert
         expert = self.experts[name]
         params = req.to_sampling_params(expert)
@@ -520,9 +406,7 @@ class CoeIngress:
         first = (prep.expert, prep.prompt, prep.params)
         if prep.decision is None:
             return [first] * (1 + n)
-        d = prep.decision
-        order = fallback_order(d.scores, {e: x.price_per_1k_tokens for e, x in self.experts.items()}, d.expert,
-                               d.threshold or 0.0, self.router.fallback_expert, principal.experts)
+        order = self.load.attempt_order(prep.decision, self.router.fallback_expert, principal.experts)
         out = [first]
         for name in order:
             if len(out) > n:
@@ -537,19 +421,17 @@ class CoeIngress:
     async def _generate(self, expert: ExpertConfig, prompt: EnginePrompt, params: SamplingParams) -> dict[str, Any]:
         """One non-streaming call, held to the expert's total timeout (GatewayTimeoutError), with load tracking."""
         name = expert.name
-        t0 = time.time()
-        self.service[name].started(t0, self.in_flight[name])
-        self.in_flight[name] += 1
+        t0 = self.load.started(name)
         response = self.handles[name].generate.remote(prompt, params)
+        ok = False
         try:
             out = await asyncio.wait_for(response, expert.timeouts.total_s)
+            ok = True
         except TimeoutError:
             response.cancel()
             raise GatewayTimeoutError(f"expert '{name}' did not answer within {expert.timeouts.total_s:g} s") from None
         finally:
-            self.in_flight[name] -= 1
-            self.service[name].finished(time.time())
-        self.latency[name].add(time.time(), None, (time.time() - t0) * 1e3)
+            self.load.finished(name, t0, None, ok)
         return out
 
     def _retry(self, exc: Exception, name: str, i: int, attempts: list[Any], failed: list[str]) -> bool:
@@ -641,9 +523,7 @@ class CoeIngress:
         # unavailable or hung expert) get their real status, or a retry on the next candidate, not a 200 stream.
         for i, (expert, prompt, params) in enumerate(attempts):
             name = expert.name
-            t0 = time.time()
-            self.service[name].started(t0, self.in_flight[name])
-            self.in_flight[name] += 1
+            t0 = self.load.started(name)
             gen = self.stream_handles[name].stream.remote(prompt, params)
             try:
                 first = await asyncio.wait_for(gen.__anext__(), expert.timeouts.ttft_s)
@@ -651,8 +531,7 @@ class CoeIngress:
                 first = None
             except BaseException as exc:
                 gen.cancel()
-                self.in_flight[name] -= 1
-                self.service[name].finished(time.time())
+                self.load.finished(name, t0, None, ok=False)
                 if isinstance(exc, TimeoutError):
                     exc = GatewayTimeoutError(f"expert '{name}' sent no token within {expert.timeouts.ttft_s:g} s")
                 if isinstance(exc, Exception) and self._retry(exc, name, i, attempts, failed):
@@ -666,9 +545,7 @@ class CoeIngress:
             nonlocal done
             if not done:
                 done = True
-                self.in_flight[name] -= 1
-                self.service[name].finished(time.time())
-                self.latency[name].add(time.time(), ttft_ms, (time.time() - t0) * 1e3)
+                self.load.finished(name, t0, ttft_ms)
 
         prep = _Prepared(expert=expert, prompt=prompt, params=params, decision=prep.decision)
         headers = {**extra, **self._headers(prep, failed, record)}
@@ -759,7 +636,7 @@ class CoeIngress:
             finally:
                 limit_headers = await admission
             assert d is not None
-            d = self._restrict(d, principal)
+            d = self.load.restrict(d, principal.experts)
             payload = {"expert": d.expert, "scores": d.scores, "confidence": round(d.confidence, 4), "ood": d.ood,
                        "threshold": d.threshold, "reason": d.reason,
                        "route_ms": round(d.extra["route_ms"], 3),
@@ -810,9 +687,9 @@ class CoeIngress:
         return {"ready": all(e["ready"] for e in experts.values()), "experts": experts, "router": router}
 
     async def _state(self, principal: Principal) -> dict[str, Any]:
-        state: dict[str, Any] = {"threshold": self.state.to_dict() if self.state else None,
+        state: dict[str, Any] = {"threshold": self.load.state.to_dict() if self.load.state else None,
                                  "resting_threshold": self.resting_threshold,
-                                 "this_replica_in_flight": dict(self.in_flight)}
+                                 "this_replica_in_flight": dict(self.load.in_flight)}
         if self.controller is not None:
             try:
                 state["controller"] = await asyncio.wait_for(self.controller.get_state.remote(), timeout=5.0)

@@ -47,3 +47,17 @@ def wait_ready(url: str, timeout: float = 240.0) -> None:
         if time.time() > deadline:
             raise RuntimeError(f"{url} did not become ready within {timeout:.0f} s")
         time.sleep(0.5)
+
+
+def wait_resting(url: str, timeout: float = 60.0) -> None:
+    """Wait until the controller's t and this ingress replica's t are 0 and no expert is penalised for load."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = get(f"{url}/v1/coe/state", timeout=10).json()
+        ctrl = (st.get("controller") or {}).get("threshold")
+        mine = st.get("threshold")  # what this ingress replica applies (refreshed once per interval)
+        if (ctrl is not None and mine is not None and ctrl["t"] == 0.0 and mine["t"] == 0.0
+                and not mine["penalties"]):  # no expert still penalised for recent load
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the controller's t did not return to rest within {timeout:.0f} s")

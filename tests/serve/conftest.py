@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -79,13 +78,4 @@ def client(coe_url: str):  # noqa: ANN201
 @pytest.fixture()
 def resting(coe_url: str) -> None:
     """Wait until t and the load penalties are back at rest (earlier tests may have loaded the experts)."""
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        st = api.get(f"{coe_url}/v1/coe/state", timeout=10).json()
-        ctrl = (st.get("controller") or {}).get("threshold")
-        mine = st.get("threshold")  # what this ingress replica applies (refreshed once per interval)
-        if (ctrl is not None and mine is not None and ctrl["t"] == 0.0 and mine["t"] == 0.0
-                and not mine["penalties"]):  # no expert still penalised for recent load
-            return
-        time.sleep(0.5)
-    raise RuntimeError("the controller's t did not return to rest within 60 s")
+    api.wait_resting(coe_url)

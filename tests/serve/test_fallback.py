@@ -40,6 +40,7 @@ def faults_url(coe_url: str) -> Iterator[str]:
     cfg.router = EmbeddingRouterConfig(fallback_expert="general")
     cfg.controller.enabled = False
     cfg.server.ingress_num_cpus = 0.02
+    cfg.server.max_ongoing_requests, cfg.server.max_queued_requests = 2, 1  # admits 3 at once
     serve.run(build_from_config(cfg), name="coe-faults", route_prefix=PREFIX, blocking=False)
     api.wait_ready(f"{coe_url}{PREFIX}")
     try:
@@ -93,6 +94,23 @@ def test_a_hung_expert_times_out_and_the_request_is_answered_by_the_next_candida
         time.sleep(1.0)
     else:
         pytest.fail(f"the stuck replica {before} was not replaced within 120 s")
+
+
+def test_a_full_ingress_answers_429_with_retry_after_at_once(faults_url: str) -> None:
+    """The ingress holds max_ongoing + max_queued requests (3 here); the rest are refused at once, not queued."""
+    import concurrent.futures as cf
+
+    def ask(_: int) -> tuple[int, float, str | None]:
+        t0 = time.monotonic()
+        r = api.post(f"{faults_url}/v1/chat/completions", timeout=60, json={
+            "model": "code", "messages": [{"role": "user", "content": CODE_Q}], "max_tokens": 2})
+        return r.status_code, time.monotonic() - t0, r.headers.get("retry-after")
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(ask, range(6)))  # `code` hangs: the first three hold their slots for seconds
+    refused = [(took, ra) for status, took, ra in results if status == 429]
+    assert len(refused) >= 3, results
+    assert all(took < 2.0 and ra == "1" for took, ra in refused), refused
 
 
 def test_a_missing_router_artifact_starts_degraded(coe_url: str, tmp_path_factory: pytest.TempPathFactory) -> None:

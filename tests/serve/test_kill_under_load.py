@@ -73,3 +73,4 @@ def test_expert_killed_under_load_loses_nothing(coe_url: str, resting: None) -> 
         time.sleep(2)
     else:
         pytest.fail("Serve's replacement replica of 'code' never answered")
+    api.wait_resting(coe_url, timeout=120)  # leave the service at rest for the tests after this one

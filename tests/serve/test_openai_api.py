@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 
-import httpx
 import openai
 import pytest
 
@@ -116,7 +115,7 @@ def test_translation_expert_uses_its_few_shot_template(client) -> None:  # noqa:
 
 
 BAD = [
-    ("{not json", 400, None),
+    ("{not json", 400, "body"),
     (json.dumps({"model": "coe-auto", "messages": []}), 400, "messages"),
     (json.dumps({"model": "coe-auto"}), 400, "messages"),
     (json.dumps({"model": "coe-auto", "messages": "hello"}), 400, "messages"),

@@ -43,9 +43,9 @@ def ingress_deployment_options(config: CoeConfig) -> dict[str, Any]:
         "name": "CoeIngress",
         "ray_actor_options": {"num_cpus": s.ingress_num_cpus},
         # Serve hands the replica more than it admits, so past the bound the client gets coe's own 429 with
-        # Retry-After (not Serve's proxy 503); graceful shutdown outlasts the longest expert call.
+        # Retry-After (not Serve's proxy 503); graceful shutdown outlasts the longest request.
         "max_ongoing_requests": s.max_ongoing_requests + s.max_queued_requests + 64,
-        "graceful_shutdown_timeout_s": max(e.timeouts.total_s for e in config.experts) + 5,
+        "graceful_shutdown_timeout_s": s.request_timeout_s + 5,
     }
     auto = s.ingress_autoscaling
     if auto.min_replicas == auto.max_replicas:
@@ -64,7 +64,8 @@ def controller_deployment_options(config: CoeConfig) -> dict[str, Any]:
 def build_from_config(config: CoeConfig) -> Application:
     """The Serve application for a validated config."""
     handles = {
-        e.name: serve.deployment(ExpertServer).options(**expert_deployment_options(e)).bind(e.model_dump())
+        e.name: serve.deployment(ExpertServer).options(
+            **expert_deployment_options(e, config.server.request_timeout_s)).bind(e.model_dump())
         for e in config.experts
     }
     controller = serve.deployment(CoeController).options(**controller_deployment_options(config)).bind(

@@ -48,8 +48,9 @@ class ExpertServer:
         await self.engine.shutdown()
 
 
-def expert_deployment_options(expert: ExpertConfig) -> dict[str, Any]:
-    """Ray Serve options for an expert's deployment, from its config."""
+def expert_deployment_options(expert: ExpertConfig, request_timeout_s: float = 300.0) -> dict[str, Any]:
+    """Ray Serve options for an expert's deployment, from its config (and the HTTP request timeout, which a
+    draining replica outlasts)."""
     actor: dict[str, Any] = {"num_cpus": expert.resources.num_cpus, "num_gpus": expert.resources.num_gpus}
     if expert.resources.memory_gb:
         actor["memory"] = int(expert.resources.memory_gb * 1024**3)
@@ -61,8 +62,8 @@ def expert_deployment_options(expert: ExpertConfig) -> dict[str, Any]:
         "max_queued_requests": expert.max_queued_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
-        # A draining replica finishes what it holds: at least the longest a call may take.
-        "graceful_shutdown_timeout_s": expert.timeouts.total_s + 5,
+        # A draining replica finishes what it holds: at least as long as a request may last.
+        "graceful_shutdown_timeout_s": max(request_timeout_s, expert.timeouts.total_s) + 5,
     }
     if auto.min_replicas == auto.max_replicas:
         opts["num_replicas"] = auto.min_replicas

@@ -548,9 +548,9 @@ def _head_group(config: CoeConfig, options: ClusterOptions) -> dict[str, Any]:
 
 
 def drain_seconds(config: CoeConfig) -> int:
-    """terminationGracePeriodSeconds for pods that host replicas: Serve's graceful shutdown (the longest expert
-    call, experts[].timeouts.total_s, + 5 s; deployments/app.py, deployments/expert.py) plus 30 s for Ray."""
-    return int(math.ceil(max(e.timeouts.total_s for e in config.experts))) + 5 + 30
+    """terminationGracePeriodSeconds for pods that host replicas: Serve's graceful shutdown (the HTTP request
+    timeout, server.request_timeout_s, + 5 s; deployments/app.py, deployments/expert.py) plus 30 s for Ray."""
+    return int(math.ceil(config.server.request_timeout_s)) + 5 + 30
 
 
 def _worker_group(plan: GroupPlan, config: CoeConfig, options: ClusterOptions) -> dict[str, Any]:

@@ -1254,14 +1254,14 @@ def _redis_host_port(url: str) -> tuple[str, int | None]:
     return (u.hostname or "").lower(), port
 
 
-def _longest_call_s(spec: dict[str, Any]) -> float:
-    """The longest expert call the app allows (experts[].timeouts.total_s in config_inline; 240 s by default)."""
+def _request_timeout_s(spec: dict[str, Any]) -> float:
+    """How long one request may last: serveConfigV2's http_options.request_timeout_s (Serve's default: none,
+    counted here as coe's default 300 s)."""
     try:
         cfg = yaml.safe_load(spec.get("serveConfigV2") or "") or {}
-        experts = cfg["applications"][0]["args"]["config_inline"]["experts"]
-        return max(float((e.get("timeouts") or {}).get("total_s", 240.0)) for e in experts)
-    except (yaml.YAMLError, KeyError, IndexError, TypeError, ValueError, AttributeError):
-        return 240.0
+        return float((cfg.get("http_options") or {}).get("request_timeout_s") or 300.0)
+    except (yaml.YAMLError, TypeError, ValueError, AttributeError):
+        return 300.0
 
 
 def _coe_worker_rules(ctx: Context, obj: Obj) -> None:
@@ -1299,11 +1299,12 @@ def _coe_worker_rules(ctx: Context, obj: Obj) -> None:
                         f"COE_REDIS_URL is on the GCS Redis ({gcs_host}): coe's state needs its own Redis (e.g. "
                         f"{R.STATE_REDIS_NAME}) so its counters filling memory can never stop GCS writes")
         grace = (g.template.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
-        need = _longest_call_s(spec) + 5
+        need = _request_timeout_s(spec) + 5
         if isinstance(grace, int) and grace < need:
             ctx.add(obj, f"{g.where}.spec.terminationGracePeriodSeconds",
-                    f"{grace} s is shorter than Serve's graceful shutdown ({need:g} s: the longest expert call, "
-                    "experts[].timeouts.total_s, + 5 s): Kubernetes would kill requests a draining replica still holds")
+                    f"{grace} s is shorter than Serve's graceful shutdown ({need:g} s: the request timeout, "
+                    "http_options.request_timeout_s, + 5 s): Kubernetes would kill requests a draining replica "
+                    "still holds")
         if _gpu_count(c) == 0:
             probe = c.get("readinessProbe") or {}
             hg = probe.get("httpGet") or {}

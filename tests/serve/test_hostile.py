@@ -60,8 +60,7 @@ def test_hostile_input_gets_its_4xx_fast_and_the_service_survives(coe_url: str, 
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["request_id"] == r.headers["x-request-id"]
     print(f"hostile input '{what}': {r.status_code} in {took * 1e3:.0f} ms")
-    limit = 3.0 if len(raw) > 10_000_000 else 1.0  # the 100 MB body still has to cross loopback into the proxy
-    assert took < limit, (what, took)
+    assert took < 1.0, (what, took)  # measured: 31-75 ms each, 297 ms for the 100 MB body
     ok = api.post(f"{coe_url}/v1/chat/completions", timeout=60, json=json.loads(_body()))
     assert ok.status_code == 200
 

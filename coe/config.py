@@ -145,6 +145,12 @@ class LlamaCppOptions(StrictModel):
     n_threads_batch: int | None = Field(
         None, ge=1, description="CPU threads for prompt processing; default: n_threads.")
     n_batch: int = Field(256, ge=1)
+    prompt_lookup_tokens: int = Field(
+        0, ge=0, le=64, description="Speculative decoding by prompt lookup (llama-cpp-python's "
+        "LlamaPromptLookupDecoding): draft up to this many tokens by finding the last n-gram earlier in the prompt "
+        "and answer, and verify them in one batch. Pays where answers copy from the prompt (editing given code, "
+        "translating names and numbers); 0 (the default): off. See the README's measurement.")
+    prompt_lookup_ngram: int = Field(2, ge=1, le=8, description="Longest n-gram prompt lookup matches.")
     debug_stall_s: float = Field(
         0.0, ge=0.0, description="Testing only: each generation waits this long before its first token, as a "
         "hung replica would (the fault tests use it to check timeouts, retries and the stuck-replica health check).")
@@ -170,6 +176,21 @@ class VLLMOptions(StrictModel):
     enforce_eager: bool = False
     trust_remote_code: bool = False
     download_dir: str | None = None
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="More vllm.AsyncEngineArgs fields, passed as given (e.g. speculative_config "
+        "for draft-model or n-gram speculative decoding, kv_cache_dtype). Checked against AsyncEngineArgs where vllm "
+        "is installed (the expert refuses to start on an unknown field); may not set what coe or the fields above set.")
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _not_owned(cls, v: dict[str, Any]) -> dict[str, Any]:
+        owned = {"model", "served_model_name", "tensor_parallel_size", "pipeline_parallel_size", "revision",
+                 "tokenizer", "distributed_executor_backend"} | (set(cls.model_fields) - {"engine_kwargs"})
+        clash = sorted(set(v) & owned)
+        if clash:
+            raise ValueError(f"may not set {clash}: coe sets them (use the expert's source, resources and vllm "
+                             "fields)")
+        return v
 
 
 class TimeoutsConfig(StrictModel):
@@ -244,10 +265,12 @@ class ExpertConfig(StrictModel):
                 raise ValueError("'llama_cpp' options given for a vllm expert")
             if self.vllm is None:
                 self.vllm = VLLMOptions()
-            if self.resources.num_gpus < self.vllm.tensor_parallel_size * self.vllm.pipeline_parallel_size:
-                raise ValueError(
-                    "vllm experts need resources.num_gpus >= tensor_parallel_size * pipeline_parallel_size"
-                )
+            ranks = self.vllm.tensor_parallel_size * self.vllm.pipeline_parallel_size
+            if self.resources.num_gpus != ranks:
+                # One replica actor owns all its GPUs on one node and vLLM's multiprocessing executor runs one
+                # worker per GPU inside it (coe/engines/vllm.py): the reservation must equal the ranks.
+                raise ValueError(f"vllm experts need resources.num_gpus == tensor_parallel_size * "
+                                 f"pipeline_parallel_size ({ranks}), got {self.resources.num_gpus}")
         return self
 
     @property

@@ -73,6 +73,12 @@ class LlamaCppEngine:
 
         # Both counts explicit: llama-cpp-python's own default for prompt processing is every core of the machine.
         n_threads, n_threads_batch = self._opts.threads(self._expert.resources.num_cpus)
+        draft = None
+        if self._opts.prompt_lookup_tokens:
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+            draft = LlamaPromptLookupDecoding(max_ngram_size=self._opts.prompt_lookup_ngram,
+                                              num_pred_tokens=self._opts.prompt_lookup_tokens)
         try:
             self._llm = Llama(
                 model_path=path,
@@ -81,6 +87,7 @@ class LlamaCppEngine:
                 n_threads_batch=n_threads_batch,
                 n_batch=self._opts.n_batch,
                 seed=self._opts.seed,
+                draft_model=draft,
                 verbose=False,
             )
         except (ValueError, OSError, RuntimeError) as err:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from coe.config import ExpertConfig
@@ -18,6 +18,31 @@ from coe.errors import GenerationError, ModelLoadError
 from coe.models import resolve_local_model
 
 logger = logging.getLogger(__name__)
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """Token ids of a chat rendered by the tokenizer's chat template, with the generation prompt.
+
+    transformers 5 returns a BatchEncoding (a mapping, not a dict) from ``apply_chat_template(tokenize=True)``;
+    taking ``list()`` of it gave the keys ``['input_ids', 'attention_mask']`` as the "ids". Ask for a plain list
+    and accept any mapping.
+    """
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if isinstance(ids, Mapping):
+        ids = ids["input_ids"]
+    out = [int(i) for i in ids]
+    if not out:
+        raise GenerationError("the chat template produced no tokens")
+    return out
+
+
+def engine_arg_names() -> set[str]:
+    """The fields vllm.AsyncEngineArgs accepts (needs vllm)."""
+    import dataclasses
+
+    from vllm import AsyncEngineArgs
+
+    return {f.name for f in dataclasses.fields(AsyncEngineArgs)}
 
 
 def vllm_available() -> bool:
@@ -59,12 +84,30 @@ class VLLMEngine:
             "enforce_eager": o.enforce_eager,
             "trust_remote_code": o.trust_remote_code,
         }
+        if o.tensor_parallel_size * o.pipeline_parallel_size > 1:
+            # The replica actor holds all its GPUs (resources.num_gpus == TP x PP, one node): vLLM's multiprocessing
+            # executor starts one worker per GPU inside it. Ray Serve LLM's alternative (a placement group of one
+            # GPU bundle per rank and the Ray executor) would let ranks span nodes; coe does not do that.
+            args["distributed_executor_backend"] = "mp"
         if src.revision:
             args["revision"] = src.revision
         if o.quantization:
             args["quantization"] = o.quantization
         if o.download_dir:
             args["download_dir"] = o.download_dir
+        clash = sorted(set(o.engine_kwargs) & set(args))
+        if clash:  # the config model refuses these already; this keeps engine_args honest on its own
+            raise ModelLoadError(f"vllm.engine_kwargs may not set {clash}: coe sets them")
+        args.update(o.engine_kwargs)
+        return args
+
+    def check_engine_args(self) -> dict[str, Any]:
+        """engine_args(), refusing keys vllm.AsyncEngineArgs does not have (needs vllm)."""
+        args = self.engine_args()
+        unknown = sorted(set(args) - engine_arg_names())
+        if unknown:
+            raise ModelLoadError(f"expert '{self._expert.name}': vllm.engine_kwargs {unknown} are not fields of "
+                                 "vllm.AsyncEngineArgs in the installed vllm")
         return args
 
     async def start(self) -> None:
@@ -75,8 +118,9 @@ class VLLMEngine:
                 f"expert '{self._expert.name}' uses engine vllm but vllm is not installed here; run it on a "
                 "GPU worker image with `pip install coe[gpu]`"
             ) from err
+        args = self.check_engine_args()
         try:
-            self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**self.engine_args()))
+            self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**args))
         except Exception as err:  # noqa: BLE001 - vLLM raises many types at load
             raise ModelLoadError(f"vLLM could not load expert '{self._expert.name}': {err}") from err
         tok = self._engine.get_tokenizer()
@@ -84,8 +128,7 @@ class VLLMEngine:
 
     def _prompt_ids(self, prompt: EnginePrompt) -> list[int]:
         if prompt.messages is not None:
-            ids = self._tokenizer.apply_chat_template(list(prompt.messages), add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            return chat_prompt_ids(self._tokenizer, list(prompt.messages))
         assert prompt.text is not None
         return list(self._tokenizer.encode(prompt.text))
 

@@ -97,3 +97,21 @@ def test_thread_defaults_follow_the_replica_reservation() -> None:
     assert LlamaCppOptions().threads(3.0) == (3, 3)
     assert LlamaCppOptions(n_threads=2).threads(0.5) == (2, 2)
     assert LlamaCppOptions(n_threads=1, n_threads_batch=4).threads(8.0) == (1, 4)
+
+
+async def test_prompt_lookup_speculative_decoding_is_an_expert_option() -> None:
+    expert = load_config("cpu-default").expert("general").model_copy(deep=True)
+    assert expert.llama_cpp is not None and expert.llama_cpp.prompt_lookup_tokens == 0  # off by default
+    expert.llama_cpp.prompt_lookup_tokens = 3
+    eng = LlamaCppEngine(expert)
+    await eng.start()
+    try:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        assert isinstance(eng._llm.draft_model, LlamaPromptLookupDecoding)
+        assert eng._llm.draft_model.num_pred_tokens == 3
+        prompt = EnginePrompt(messages=({"role": "user", "content": "Repeat exactly: alpha beta gamma delta"},))
+        r = await eng.generate(prompt, SamplingParams(max_tokens=12, temperature=0.0, top_p=1.0))
+        assert r.text and 0 < r.completion_tokens <= 12
+    finally:
+        await eng.shutdown()

@@ -856,3 +856,21 @@ def test_worker_grace_period_shorter_than_the_longest_call_is_caught(built: Buil
             g["template"]["spec"]["terminationGracePeriodSeconds"] = 30
 
     assert_caught(problems_after(built, "cpu-demo", mutate), "terminationGracePeriodSeconds", "graceful shutdown")
+
+
+def test_vllm_engine_kwargs_travel_in_config_inline_and_owned_keys_are_caught(built: Built) -> None:
+    """engine_kwargs ride in serveConfigV2's config_inline; one that overrides what coe sets is refused."""
+    def expert(c: dict[str, Any]) -> dict[str, Any]:
+        return next(e for e in c["applications"][0]["args"]["config_inline"]["experts"] if e["engine"] == "vllm")
+
+    def ok(d: dict[str, Any], _: list[Obj]) -> None:
+        edit_serve_config(d, lambda c: expert(c)["vllm"].update(
+            engine_kwargs={"speculative_config": {"method": "ngram", "num_speculative_tokens": 4}}))
+
+    probs = problems_after(built, "gpu-prod", ok)  # only the hand edit itself is reported (hash, staleness)
+    assert not any("coe sets them" in p or "unknown" in p for p in probs), probs
+
+    def owned(d: dict[str, Any], _: list[Obj]) -> None:
+        edit_serve_config(d, lambda c: expert(c)["vllm"].update(engine_kwargs={"tensor_parallel_size": 8}))
+
+    assert_caught(problems_after(built, "gpu-prod", owned), "engine_kwargs", "coe sets them")

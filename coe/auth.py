@@ -21,6 +21,7 @@ import calendar
 import contextlib
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import math
@@ -288,6 +289,11 @@ class InProcessAuthStore(AuthStore):
     async def get_teams(self) -> dict[str, TeamRecord]:
         return {n: TeamRecord(**asdict(t)) for n, t in self._teams.items()}
 
+    def _set(self, name: str, level: float, now: float) -> None:
+        """Store a bucket's level; its clock never moves back (a replayed charge carries an older time)."""
+        prev = self._buckets.get(name)
+        self._buckets[name] = (level, max(now, prev[1]) if prev else now)
+
     def _level(self, name: str, cap: float, now: float) -> float:
         lv, ts = self._buckets.get(name, (None, None))  # type: ignore[assignment]
         return bucket_level(lv, ts, cap, now)
@@ -313,16 +319,16 @@ class InProcessAuthStore(AuthStore):
             return Admission(False, "rate", retry, _floor(rr), _floor(rt), spent)
         if rr is not None:
             rr -= 1
-            self._buckets[f"{p.key_id}:r"] = (rr, now)
+            self._set(f"{p.key_id}:r", rr, now)
         if rt is not None:
-            self._buckets[f"{p.key_id}:t"] = (rt, now)
+            self._set(f"{p.key_id}:t", rt, now)
         return Admission(True, "ok", 0.0, _floor(rr), _floor(rt), spent)
 
     async def charge(self, charges: list[Charge]) -> None:
         for c in charges:
             if c.tpm and c.key_id:
                 name = f"{c.key_id}:t"
-                self._buckets[name] = (self._level(name, c.tpm, c.now) - c.tokens, c.now)
+                self._set(name, self._level(name, c.tpm, c.now) - c.tokens, c.now)
             if c.spend_key:
                 k = f"{c.team}|{c.spend_key}"
                 usd, exp = self._spend.get(k, (0.0, c.now + c.spend_ttl_s))
@@ -363,6 +369,11 @@ local function level(key, cap)
   if l == nil or ts == nil then return cap end
   return math.min(cap, l + math.max(0, now - ts) * cap / 60)
 end
+local function stamp(key)  -- never move a bucket's clock back (a replayed charge, a replica's slow clock)
+  local ts = tonumber(redis.call('HGET', key, 'ts'))
+  if ts ~= nil and ts > now then return ts end
+  return now
+end
 local spent = 0
 if budget >= 0 then
   spent = tonumber(redis.call('GET', KEYS[3]) or '0')
@@ -380,11 +391,11 @@ end
 if retry > 0 then return {0, 'rate', tostring(retry), tostring(rr), tostring(rt), tostring(spent)} end
 if rpm > 0 then
   rr = rr - 1
-  redis.call('HSET', KEYS[1], 'l', tostring(rr), 'ts', tostring(now))
+  redis.call('HSET', KEYS[1], 'l', tostring(rr), 'ts', tostring(stamp(KEYS[1])))
   redis.call('PEXPIRE', KEYS[1], ttl)
 end
 if tpm > 0 then
-  redis.call('HSET', KEYS[2], 'l', tostring(rt), 'ts', tostring(now))
+  redis.call('HSET', KEYS[2], 'l', tostring(rt), 'ts', tostring(stamp(KEYS[2])))
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
 return {1, 'ok', '0', tostring(rr), tostring(rt), tostring(spent)}
@@ -399,7 +410,7 @@ if tpm > 0 then
   local v = redis.call('HMGET', KEYS[1], 'l', 'ts')
   local l, ts = tonumber(v[1]), tonumber(v[2])
   if l == nil or ts == nil then l = tpm else l = math.min(tpm, l + math.max(0, now - ts) * tpm / 60) end
-  redis.call('HSET', KEYS[1], 'l', tostring(l - tokens), 'ts', tostring(now))
+  redis.call('HSET', KEYS[1], 'l', tostring(l - tokens), 'ts', tostring(math.max(now, ts or now)))
   redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[10]))
 end
 if KEYS[2] ~= '' then
@@ -432,7 +443,7 @@ class RedisAuthStore(AuthStore):
     ``{prefix}usage:``. Every limit check is one script call; every charge is one script call."""
 
     def __init__(self, url: str, prefix: str = "coe:", *, socket_timeout_s: float = 0.5,
-                 max_connections: int = 64, clock: Clock = time.time) -> None:
+                 max_connections: int = 64, retry_after_s: float = 1.0, clock: Clock = time.time) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -448,23 +459,37 @@ class RedisAuthStore(AuthStore):
         self._charge = self._redis.register_script(_CHARGE_LUA)
         self._get = self._redis.register_script(_GET_KEY_LUA)
         self._budget_s = 3 * socket_timeout_s
+        self.retry_after_s = retry_after_s
+        self._retry_at = 0.0
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
     async def _call(self, coro: Any) -> Any:
+        """Await a Redis call; StoreDown on any Redis failure. After an outage, calls fail at once (no network
+        wait) for retry_after_s, then Redis is tried again."""
         from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import RedisError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
+        if time.monotonic() < self._retry_at:
+            if inspect.iscoroutine(coro):
+                coro.close()
+            raise StoreDown("redis unreachable (retrying shortly)")
         try:
             async with asyncio.timeout(self._budget_s):
-                return await coro
+                result = await coro
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as err:
+            self._retry_at = time.monotonic() + self.retry_after_s
             try:  # drop idle connections to a restarted server so the next try reconnects cleanly
                 await self._redis.connection_pool.disconnect(inuse_connections=False)
             except Exception:  # noqa: BLE001 - best effort
                 pass
             raise StoreDown(f"{type(err).__name__}: {err}") from None
+        except RedisError as err:  # a command error (READONLY after a failover, OOM): not answerable either
+            raise StoreDown(f"{type(err).__name__}: {err}") from None
+        self._retry_at = 0.0
+        return result
 
     async def put_key(self, rec: KeyRecord) -> None:
         pipe = self._redis.pipeline(transaction=True)
@@ -532,7 +557,7 @@ class RedisAuthStore(AuthStore):
                          _floor(float(rr)) if p.rpm else None, _floor(float(rt)) if p.tpm else None, float(spent))
 
     async def charge(self, charges: list[Charge]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self._redis.pipeline(transaction=True)  # all or nothing: a timed-out batch is replayed once
         for c in charges:
             await self._charge(keys=[self._k("rl", str(c.key_id), "t"),
                                self._spend_key(c.team, c.spend_key) if c.spend_key else "",
@@ -582,6 +607,8 @@ def _parse_time(value: Any, param: str) -> float | None:
     if isinstance(value, bool):
         raise InvalidRequestError(f"{param} must be an ISO date or a Unix time", param=param)
     if isinstance(value, (int, float)):
+        if not math.isfinite(float(value)) or abs(float(value)) > 1e11:
+            raise InvalidRequestError(f"{param} is not a usable time", param=param)
         return float(value)
     if isinstance(value, str):
         try:
@@ -595,11 +622,14 @@ def _parse_time(value: Any, param: str) -> float | None:
     raise InvalidRequestError(f"{param} must be an ISO date or a Unix time", param=param)
 
 
+MAX_LIMIT = 10**12  # rpm/tpm beyond this are not limits (and overflow the buckets' float arithmetic)
+
+
 def _positive_int(value: Any, param: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidRequestError(f"{param} must be a positive integer", param=param)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_LIMIT:
+        raise InvalidRequestError(f"{param} must be an integer from 1 to {MAX_LIMIT}", param=param)
     return value
 
 
@@ -823,7 +853,7 @@ class Authenticator:
             raise InvalidRequestError(f"period must be one of {list(PERIODS)}", param="period")
         if budget is not None:
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget >= 0 \
-                    or not math.isfinite(budget):
+                    or not math.isfinite(budget) or budget > 1e12:
                 raise InvalidRequestError("budget_usd must be a number >= 0", param="budget_usd")
         elif period is not None:
             raise InvalidRequestError("period needs budget_usd", param="period")

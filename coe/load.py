@@ -121,9 +121,14 @@ class IngressLoad:
         q = np.where(mask[None, :], q, -np.inf)
         pen = self.routing_penalties()
         penalties = None if not pen else np.array([[pen.get(n, 0.0) for n in self.names]])
-        k = int(choose_within_threshold(q, self.prices, decision.threshold or 0.0, penalties)[0])
-        if not mask[k]:  # every allowed expert was excluded by load (or has no score): the best allowed one
-            k = int(np.where(mask, q[0], -np.inf).argmax())
+        if not mask.any():
+            raise ValueError("the team may use none of the router's experts")
+        if not np.isfinite(q[0][mask]).any():  # no allowed expert has a score (degraded router): the cheapest
+            k = int(np.where(mask, self.prices, np.inf).argmin())
+        else:
+            k = int(choose_within_threshold(q, self.prices, decision.threshold or 0.0, penalties)[0])
+            if not mask[k]:  # every allowed expert was excluded by load: the best allowed one
+                k = int(np.where(mask, q[0], -np.inf).argmax())
         decision.reason = f"team_restricted({decision.expert}):{decision.reason}"
         decision.expert = self.names[k]
         return decision

@@ -9,6 +9,7 @@ their no-op value, unless the request or the config says ``drop_params``.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -49,6 +50,14 @@ def _no_constant(name: str) -> Any:
     raise InvalidRequestError(f"request body contains {name}, which is not JSON", param="body")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidRequestError(f"request body has the number {text[:40]}, beyond what a float holds",
+                                  param="body")
+    return value
+
+
 def json_depth(value: Any) -> int:
     """Nesting depth of decoded JSON (a scalar is 0, [] is 1), without recursion."""
     depth, stack = 0, [(value, 1)]
@@ -72,7 +81,7 @@ def read_json_body(raw: bytes, limits: RequestLimits) -> Any:
         raise RequestTooLargeError(f"request body is {len(raw)} bytes; the limit is {limits.max_body_bytes}",
                                    param="body")
     try:
-        body = json.loads(raw, object_pairs_hook=_no_dupes, parse_constant=_no_constant)
+        body = json.loads(raw, object_pairs_hook=_no_dupes, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:
         raise InvalidRequestError(f"request body is nested deeper than {limits.max_json_depth} levels",
                                   param="body") from None

@@ -455,7 +455,7 @@ class RedisStateStore(StateStore):
         raws = [_dumps({**d, "ts": d.get("ts", now)}) for d in decisions]
 
         async def op(r: Any) -> Any:
-            pipe = r.pipeline(transaction=False)
+            pipe = r.pipeline(transaction=True)  # all or nothing: a timed-out report is not counted twice
             if debt:
                 pipe.hincrbyfloat(self._k_debt, "total", float(sum(sum(a) for a in debt.values())))
                 pipe.hincrby(self._k_debt, "requests", sum(len(a) for a in debt.values()))

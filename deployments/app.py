@@ -64,8 +64,7 @@ def controller_deployment_options(config: CoeConfig) -> dict[str, Any]:
 def build_from_config(config: CoeConfig) -> Application:
     """The Serve application for a validated config."""
     handles = {
-        e.name: serve.deployment(ExpertServer).options(
-            **expert_deployment_options(e, config.server.request_timeout_s)).bind(e.model_dump())
+        e.name: serve.deployment(ExpertServer).options(**expert_deployment_options(e)).bind(e.model_dump())
         for e in config.experts
     }
     controller = serve.deployment(CoeController).options(**controller_deployment_options(config)).bind(

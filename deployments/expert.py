@@ -48,9 +48,8 @@ class ExpertServer:
         await self.engine.shutdown()
 
 
-def expert_deployment_options(expert: ExpertConfig, request_timeout_s: float = 300.0) -> dict[str, Any]:
-    """Ray Serve options for an expert's deployment, from its config (and the HTTP request timeout, which a
-    draining replica outlasts)."""
+def expert_deployment_options(expert: ExpertConfig) -> dict[str, Any]:
+    """Ray Serve options for an expert's deployment, from its config."""
     actor: dict[str, Any] = {"num_cpus": expert.resources.num_cpus, "num_gpus": expert.resources.num_gpus}
     if expert.resources.memory_gb:
         actor["memory"] = int(expert.resources.memory_gb * 1024**3)
@@ -62,8 +61,9 @@ def expert_deployment_options(expert: ExpertConfig, request_timeout_s: float = 3
         "max_queued_requests": expert.max_queued_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
-        # A draining replica finishes what it holds: at least as long as a request may last.
-        "graceful_shutdown_timeout_s": max(request_timeout_s, expert.timeouts.total_s) + 5,
+        # A draining replica finishes what it holds: the ingress gives up on a call after timeouts.total_s (and
+        # retries it elsewhere), so waiting longer would only keep a stuck replica from being replaced.
+        "graceful_shutdown_timeout_s": expert.timeouts.total_s + 5,
     }
     if auto.min_replicas == auto.max_replicas:
         opts["num_replicas"] = auto.min_replicas

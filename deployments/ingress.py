@@ -90,9 +90,31 @@ def current_request_id() -> str:
 
 def error_response(err: CoeError, expert: str | None = None, request_id: str | None = None) -> JSONResponse:
     """The OpenAI error body (with the request id) and the error's own headers (Retry-After, x-ratelimit-*)."""
-    # "none": the request failed before an expert was chosen.
-    return JSONResponse(err.to_body(request_id or current_request_id()), status_code=err.status_code,
-                        headers={**err.headers, "x-coe-expert": expert or "none"})
+    # "none": the request failed before an expert was chosen. ASCII JSON: an error may quote the client's own
+    # text, and a lone surrogate in it cannot be encoded as UTF-8.
+    body = json.dumps(err.to_body(request_id or current_request_id()), ensure_ascii=True).encode()
+    return Response(body, status_code=err.status_code, media_type="application/json",
+                    headers={**err.headers, "x-coe-expert": expert or "none"})
+
+
+def json_frame(obj: dict[str, Any]) -> str:
+    """An SSE data frame in ASCII JSON (an error may quote a client's text that UTF-8 cannot encode)."""
+    return f"data: {json.dumps(obj, ensure_ascii=True)}\n\n"
+
+
+class _ReleasingStream(StreamingResponse):
+    """A StreamingResponse whose `release` runs when the response ends, even if its body never started (an
+    async generator that never ran does not run its `finally` when closed)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], None], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 @dataclass
@@ -273,8 +295,9 @@ class CoeIngress:
         """Count the decision (coe.load) and its metrics; returns its decision-log record."""
         acc = self.load.account_decision(request_id, decision, query)
         self.m_route_ms.observe(decision.extra.get("route_ms", 0.0))
-        if decision.reason.startswith("fallback:"):
-            self.m_fallbacks.inc(tags={"reason": decision.reason.split("(")[0].removeprefix("fallback:")})
+        if "fallback:" in decision.reason:  # also behind a team_restricted(...) prefix
+            why = decision.reason.split("fallback:", 1)[1].split("(")[0]
+            self.m_fallbacks.inc(tags={"reason": why})
         if acc.debt > 0:
             self.m_debt.inc(acc.debt, tags={"expert": decision.expert})
         return acc.record
@@ -372,6 +395,7 @@ class CoeIngress:
         if decision is not None:
             decision = self.load.restrict(decision, principal.experts)
             name = decision.expert
+        self.auth.check_expert(principal, name)  # whatever chose it, never an expert the key may not use
         expert = self.experts[name]
         params = req.to_sampling_params(expert)
         ignored = req.ignored_fields()
@@ -575,8 +599,26 @@ class CoeIngress:
                 frames.append(frame(empty))
             return frames
 
+        tokens = 0
+        completed = False
+        released = False
+
+        def release() -> None:
+            """Once, however the stream ends (finished, failed, cancelled, or never iterated at all): free the
+            admission slot and the expert's in-flight count, stop an unfinished generation, charge the usage."""
+            nonlocal released
+            if released:
+                return
+            released = True
+            if not completed:
+                gen.cancel()
+            finish(ttft)
+            self.active -= 1
+            self._account_usage(principal, expert, tokens)
+            self.m_requests.inc(tags={"expert": name, "routed": str(prep.decision is not None).lower()})
+
         async def body() -> AsyncIterator[str]:
-            tokens = 0
+            nonlocal tokens, completed
             try:
                 if kind == "chat":
                     yield frame(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
@@ -596,22 +638,20 @@ class CoeIngress:
                         tokens = item["prompt_tokens"] + item["completion_tokens"]
                         for f in chunk_frames(item):
                             yield f
+                completed = True
             except asyncio.CancelledError:
-                gen.cancel()  # client went away: stop the expert's generation
-                raise
+                raise  # client went away: release() stops the expert's generation
             except Exception as exc:  # noqa: BLE001 - a mid-stream failure becomes an SSE error event
                 err = as_coe_error(exc)
                 self.m_errors.inc(tags={"type": err.error_type})
-                yield frame(err.to_body(current_request_id()))
+                yield json_frame(err.to_body(current_request_id()))
             finally:
-                finish(ttft)
-                self.active -= 1
-                self._account_usage(principal, expert, tokens)
-                self.m_requests.inc(tags={"expert": name, "routed": str(prep.decision is not None).lower()})
+                release()
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(
+        return _ReleasingStream(
             body(),
+            release,
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )

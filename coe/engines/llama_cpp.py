@@ -224,8 +224,17 @@ class LlamaCppEngine:
             raise GenerationError(f"expert '{self._expert.name}': no token for more than {limit:g} s (stuck)")
 
     async def shutdown(self) -> None:
-        async with self._lock:
+        """Free the model; a generation stuck in its thread (the health check's case) does not block this."""
+        try:
+            await asyncio.wait_for(self._lock.acquire(), 5.0)
+        except TimeoutError:
+            logger.warning("expert %s: a generation is stuck; shutting down without waiting for it", self._expert.name)
+            self._executor.shutdown(wait=False)
+            return
+        try:
             if self._llm is not None:
                 self._llm.close()
                 self._llm = None
+        finally:
+            self._lock.release()
         self._executor.shutdown(wait=False)

@@ -548,8 +548,9 @@ def _head_group(config: CoeConfig, options: ClusterOptions) -> dict[str, Any]:
 
 
 def drain_seconds(config: CoeConfig) -> int:
-    """terminationGracePeriodSeconds for pods that host replicas: Serve's graceful shutdown (the HTTP request
-    timeout, server.request_timeout_s, + 5 s; deployments/app.py, deployments/expert.py) plus 30 s for Ray."""
+    """terminationGracePeriodSeconds for pods that host replicas: the ingress's graceful shutdown (the HTTP
+    request timeout, server.request_timeout_s, + 5 s; experts' is shorter: timeouts.total_s + 5 s) plus 30 s for
+    Ray."""
     return int(math.ceil(config.server.request_timeout_s)) + 5 + 30
 
 

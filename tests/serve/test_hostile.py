@@ -46,6 +46,11 @@ CASES = [
     ("logprobs", _body(logprobs=True, top_logprobs=3), 400),
     ("tools", _body(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400),
     ("NaN", b'{"model": "general", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400),
+    ("a number beyond a float", b'{"model": "general", "messages": [{"role": "user", "content": "x"}], '
+                                b'"temperature": 1e999}', 400),
+    ("a duplicate key that is a lone surrogate", b'{"a\\ud800": 1, "a\\ud800": 2}', 400),
+    ("a content part type with a lone surrogate",
+     _body(messages=[{"role": "user", "content": [{"type": "x\ud800"}]}]), 400),
 ]
 
 
@@ -60,7 +65,10 @@ def test_hostile_input_gets_its_4xx_fast_and_the_service_survives(coe_url: str, 
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["request_id"] == r.headers["x-request-id"]
     print(f"hostile input '{what}': {r.status_code} in {took * 1e3:.0f} ms")
-    assert took < 1.0, (what, took)  # measured: 31-75 ms each, 297 ms for the 100 MB body
+    # Measured: 31-75 ms each. The 100 MB body's time includes the client's own upload (297 ms here alone; 1.3 s
+    # on this 2-core box with a second test session running): the server's early answer is shown by the 1 TB
+    # Content-Length test below.
+    assert took < (2.0 if len(raw) > 10_000_000 else 1.0), (what, took)
     ok = api.post(f"{coe_url}/v1/chat/completions", timeout=60, json=json.loads(_body()))
     assert ok.status_code == 200
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -249,7 +251,8 @@ async def test_redis_outage_keeps_verified_keys_refuses_unknown_and_replays_usag
     try:
         mk = lambda mode: Authenticator(  # noqa: E731
             AuthConfig(outage_grace_s=60, on_store_failure=mode),
-            RedisAuthStore(server.url, prefix="coe:out:", clock=clock), ADMIN, EXPERTS, shared=True, clock=clock)
+            RedisAuthStore(server.url, prefix="coe:out:", retry_after_s=0.2, clock=clock), ADMIN, EXPERTS,
+            shared=True, clock=clock)
         a, closed, opened = mk("local"), mk("closed"), mk("open")
         key = (await a.create_key({"team": "t", "rpm": 2}))["key"]
         fresh = (await a.create_key({"team": "u"}))["key"]
@@ -278,7 +281,12 @@ async def test_redis_outage_keeps_verified_keys_refuses_unknown_and_replays_usag
         clock.t += 31  # past the outage grace: the cached key is no longer trusted
         with pytest.raises(AuthenticationError, match="could not be verified"):
             await a.authenticate(bearer(key))
+        t0 = time.perf_counter()  # within the store's back-off, calls fail at once, without a network wait
+        with pytest.raises(AuthenticationError):
+            await a.authenticate(bearer(fresh))
+        assert time.perf_counter() - t0 < 0.05
         server = RedisServer(REDIS_BIN, port=port).start()  # empty: keys are gone, so add a key again
+        await asyncio.sleep(0.3)  # past the back-off
         await a.charge(a.admin_principal, "general", 1, 0.0)  # the next charge replays what was kept
         u = (await a.usage())["teams"]
         assert u["t"]["requests"] == 2 and u["t"]["tokens"] == 7 and u["t"]["cost_usd"] == pytest.approx(0.5)
@@ -345,3 +353,20 @@ async def test_open_mode_accepts_everything_and_counts_anonymous_usage() -> None
     assert p.team == "anonymous" and not p.limited and await a.admit(p) == {}
     await a.charge(p, "general", 3, 0.0)
     assert (await a.usage())["teams"]["anonymous"]["requests"] == 1
+
+
+async def test_unusable_numbers_are_refused_and_bucket_clocks_never_go_back(make) -> None:  # noqa: ANN001
+    a = make()
+    for body, param in [({"team": "t", "expires_at": float("inf")}, "expires_at"),
+                        ({"team": "t", "rpm": 10**13}, "rpm"), ({"team": "t", "budget_usd": 1e300}, "budget_usd")]:
+        with pytest.raises(InvalidRequestError) as e:
+            await a.create_key(body)
+        assert e.value.param == param
+    p = await a.authenticate(bearer((await a.create_key({"team": "t", "tpm": 60}))["key"]))
+    await a.admit(p)
+    await a.charge(p, "code", 60, 0.0)  # the bucket is empty at t0
+    newer = make.clock.t
+    make.clock.t -= 50  # a charge replayed from before (or a replica whose clock is behind)
+    await a.charge(p, "code", 0, 0.0)
+    make.clock.t = newer + 1
+    assert (await a.admit(p))["x-ratelimit-remaining-tokens"] == "1"  # 1 s after t0: 1 token back, not 51

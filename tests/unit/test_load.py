@@ -80,3 +80,12 @@ def test_overflow_inputs() -> None:
         lo.started("code")
     ov = lo.overflow([0.3])
     assert ov is not None and list(ov.occupancy) == [0.0, 3.0, 0.0] and len(ov.capacity) == 3
+
+
+def test_restrict_never_leaves_the_team_s_experts_without_scores() -> None:
+    """A degraded router decides with no scores: the team still gets one of its own experts."""
+    lo = _load()
+    d = RoutingDecision(expert="general", scores={}, confidence=0.0, reason="fallback:router_unavailable")
+    assert lo.restrict(d, frozenset({"code"})).expert == "code"
+    d = RoutingDecision(expert="general", scores={}, confidence=0.0, reason="fallback:router_unavailable")
+    assert lo.restrict(d, frozenset({"code", "translation"})).expert == "translation"  # the cheaper

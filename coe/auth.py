@@ -450,9 +450,11 @@ class RedisAuthStore(AuthStore):
 
         self.prefix = prefix
         self._clock = clock
-        pool = aioredis.BlockingConnectionPool.from_url(  # bounded: a burst waits for a connection
+        # Bounded: a burst waits for a connection. One immediate retry on a broken connection: after a Redis
+        # restart the pooled connections are dead, and the first call on each would otherwise fail a request.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-            socket_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
+            socket_timeout=socket_timeout_s, retry=Retry(NoBackoff(), 1), retry_on_timeout=False,
             decode_responses=True, health_check_interval=0)
         self._redis = aioredis.Redis(connection_pool=pool)
         self._admit = self._redis.register_script(_ADMIT_LUA)
@@ -480,6 +482,8 @@ class RedisAuthStore(AuthStore):
             async with asyncio.timeout(self._budget_s):
                 result = await coro
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as err:
+            if not self._retry_at:  # once per outage (the back-off window keeps later calls off the network)
+                log.warning("auth store: redis unreachable: %s: %s", type(err).__name__, err)
             self._retry_at = time.monotonic() + self.retry_after_s
             try:  # drop idle connections to a restarted server so the next try reconnects cleanly
                 await self._redis.connection_pool.disconnect(inuse_connections=False)
@@ -487,6 +491,7 @@ class RedisAuthStore(AuthStore):
                 pass
             raise StoreDown(f"{type(err).__name__}: {err}") from None
         except RedisError as err:  # a command error (READONLY after a failover, OOM): not answerable either
+            log.warning("auth store: redis command failed: %s: %s", type(err).__name__, err)
             raise StoreDown(f"{type(err).__name__}: {err}") from None
         self._retry_at = 0.0
         return result

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -61,3 +63,36 @@ def wait_resting(url: str, timeout: float = 60.0) -> None:
             return
         time.sleep(0.5)
     raise RuntimeError(f"the controller's t did not return to rest within {timeout:.0f} s")
+
+
+def small_config(name: str, experts: tuple[str, ...] = ("general",), *, embedding_router: bool = True):  # noqa: ANN201
+    """A small cpu-default variant for an extra app next to the session's: the named experts at 0.1 CPU each, a
+    0.02-CPU ingress, the controller off, and (by default) the embedding router with `general` as fallback."""
+    from coe.config import EmbeddingRouterConfig, load_config
+
+    cfg = load_config("cpu-default")
+    chosen = [cfg.expert(e).model_copy(deep=True) for e in experts]
+    for e in chosen:
+        e.resources.num_cpus = 0.1
+    cfg.experts = chosen
+    cfg.app_name = name
+    if embedding_router:
+        cfg.router = EmbeddingRouterConfig(fallback_expert="general")
+    cfg.controller.enabled = False
+    cfg.server.ingress_num_cpus = 0.02
+    return cfg
+
+
+@contextlib.contextmanager
+def small_app(coe_url: str, cfg: Any, prefix: str) -> Iterator[str]:
+    """Deploy `cfg` as its own app at `prefix` in the session's Serve, wait until ready, delete it afterwards."""
+    from ray import serve
+
+    from deployments.app import build_from_config
+
+    serve.run(build_from_config(cfg), name=cfg.app_name, route_prefix=prefix, blocking=False)
+    try:
+        wait_ready(f"{coe_url}{prefix}")
+        yield f"{coe_url}{prefix}"
+    finally:
+        serve.delete(cfg.app_name)

@@ -151,28 +151,14 @@ def test_keys_and_usage_cli(coe_url: str) -> None:
 @pytest.fixture(scope="module")
 def limits_url(coe_url: str) -> Iterator[str]:
     """A second app: two ingress replicas (2 s key cache) in front of one SmolLM2 expert, same Redis."""
-    from ray import serve
+    from coe.config import AutoscalingConfig
 
-    from coe.config import AutoscalingConfig, EmbeddingRouterConfig, load_config
-    from deployments.app import build_from_config
-
-    cfg = load_config("cpu-default")
-    general = cfg.expert("general").model_copy(deep=True)
-    general.resources.num_cpus = 0.1
-    cfg.experts = [general]
-    cfg.app_name = "coe-limits"
-    cfg.router = EmbeddingRouterConfig(fallback_expert="general")
-    cfg.controller.enabled = False
-    cfg.server.ingress_num_cpus = 0.02
+    cfg = api.small_config("coe-limits")
     cfg.server.ingress_autoscaling = AutoscalingConfig(min_replicas=2, max_replicas=2)
     cfg.auth.key_cache_s = 2.0
     cfg.auth.outage_grace_s = 120.0
-    serve.run(build_from_config(cfg), name="coe-limits", route_prefix=LIMITS_PREFIX, blocking=False)
-    api.wait_ready(f"{coe_url}{LIMITS_PREFIX}")
-    try:
+    with api.small_app(coe_url, cfg, LIMITS_PREFIX):
         yield coe_url
-    finally:
-        serve.delete("coe-limits")
 
 
 def _hammer(url: str, key: str, seconds: float, clients: int) -> tuple[int, int, list[float]]:

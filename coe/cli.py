@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,38 +28,52 @@ def _loopback_ray_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
-def ensure_router_artifact(config: CoeConfig, *, demo_ok: bool) -> None:
-    """A RouterDC config needs its artifact; the CPU demo trains it on first use (about 20 s)."""
+def default_profile(config_ref: object) -> Path | None:
+    """The measured profile a packaged config's router is trained from (cpu-default), else None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("router_models")
+    if config_ref != "cpu-default" or spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "profiles" / "cpu-default"
+
+
+def ensure_router_artifact(config: CoeConfig, *, train_from: Path | None) -> None:
+    """A RouterDC config needs its artifact. With `train_from` (a `coe profile` folder) it is trained from that
+    profile's score matrix when missing or trained from other data (about 20 s); otherwise a missing artifact
+    is an error (router.require_artifact) or a degraded start."""
     from coe.errors import RouterArtifactError
 
     rc = config.router
-    if rc.kind != "routerdc" or (rc.artifact_path() / "config.json").exists():
+    if rc.kind != "routerdc":
         return
     path = rc.artifact_path()
-    if not demo_ok:
+    if train_from is None:
+        if (path / "config.json").exists():
+            return
         msg = f"router artifact {path} not found: train it with `coe router train --data FILE --out {path}`"
         if rc.require_artifact:
             raise RouterArtifactError(msg)
         print(f"[coe] WARNING: {msg}; starting DEGRADED: coe-auto goes to '{rc.fallback_expert}' "
               "(router.require_artifact: true refuses instead)", file=sys.stderr, flush=True)
         return
-    from coe.encoder import SentenceEncoder
+    from router_models.profile_report import profile_digest, train_profile_router
+
+    digest = profile_digest(train_from, rc.fallback_expert)
+    stamp = path / "trained_from.json"
+    if (path / "config.json").exists() and stamp.exists() and json.loads(stamp.read_text()).get("digest") == digest:
+        return
     from coe.routerdc import save_artifact
-    from router_models.data import RoutingData
-    from router_models.demo_data import demo_routing_set
-    from router_models.train import train_router
+    from router_models.profile import load_profile
 
-    import numpy as np
-
-    print(f"[coe] training the demo router into {path} (first run only) ...", flush=True)
-    rows = demo_routing_set()
     experts = [e.name for e in config.experts]
-    data = RoutingData(name="demo", questions=[str(r["question"]) for r in rows], experts=experts,
-                       scores=np.array([[r["scores"].get(x, 0.0) for x in experts] for r in rows]))  # type: ignore[union-attr]
-    model, _ = train_router(data, SentenceEncoder(quantize="onnx-int8"),
-                            prices={e.name: e.price_per_1k_tokens for e in config.experts},
-                            fallback_expert=rc.fallback_expert, progress=False)
+    profiled = list(load_profile(train_from)[0]["experts"])
+    if sorted(profiled) != sorted(experts):
+        raise RouterArtifactError(f"profile {train_from} measured experts {profiled}, the config has {experts}")
+    print(f"[coe] training the router from the measured profile {train_from} into {path} ...", flush=True)
+    model, _, _ = train_profile_router(train_from, split=None, fallback_expert=rc.fallback_expert)
     save_artifact(path, model)
+    stamp.write_text(json.dumps({"profile": str(train_from), "digest": digest}))
 
 
 def auth_notice(host: str, *, insecure_no_auth: bool = False) -> str:
@@ -101,7 +116,7 @@ def start_local_serve(
 
     from deployments.app import build_from_config
 
-    ensure_router_artifact(config, demo_ok=config_ref == "cpu-default")
+    ensure_router_artifact(config, train_from=default_profile(config_ref))
     if port is not None:
         config.server.port = port
     ray.init(
@@ -298,14 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     from coe.admin_cli import add_admin_parsers
     from coe.k8s.cli import add_k8s_parser
     from router_models.cli import add_router_parser
+    from router_models.profile_cli import add_profile_parser
 
     add_admin_parsers(sub)
     add_router_parser(sub)
+    add_profile_parser(sub)
     add_k8s_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["profile"] and (len(argv) < 2 or argv[1] not in ("run", "report", "-h", "--help")):
+        argv.insert(1, "run")  # `coe profile --config ...` is `coe profile run --config ...`
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

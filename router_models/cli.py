@@ -1,4 +1,4 @@
-"""`coe router train | route | signal | eval | demo-data`."""
+"""`coe router train | route | signal | eval`."""
 
 from __future__ import annotations
 
@@ -43,11 +43,6 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     ro.add_argument("--output", required=True)
     ro.add_argument("--threshold", type=float, default=None)
     ro.set_defaults(func=cmd_route)
-
-    dd = rs.add_parser("demo-data", help="write the labelled routing set for the CPU demo experts")
-    dd.add_argument("--out", required=True)
-    dd.add_argument("--per-kind", type=int, default=120)
-    dd.set_defaults(func=cmd_demo_data)
 
     sg = rs.add_parser("signal", help="is there routing signal within each training file? (CV on training data)")
     sg.add_argument("--data", nargs="+", required=True, help="scored training files (one task per file)")
@@ -145,10 +140,3 @@ def cmd_signal(args: argparse.Namespace) -> int:
     report = within_group_signal(emb, data.correct(), list(data.tasks), repeats=args.repeats)
     print_signal(report)
     return _write_outputs(args, report, lambda out: plot_signal(report, out))
-
-
-def cmd_demo_data(args: argparse.Namespace) -> int:
-    from router_models.demo_data import write_demo_routing_set
-
-    print(f"demo routing set written to {write_demo_routing_set(args.out, args.per_kind)}")
-    return 0

@@ -449,14 +449,14 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from coe.cli import ensure_router_artifact, start_local_serve
+    from coe.cli import default_profile, ensure_router_artifact, start_local_serve
     from coe.config import load_config
 
     base = load_config(args.config)
     config = loadtest_config(base, premium_tokens=args.premium_tokens, tokens=args.tokens, slo_s=args.slo_s,
                              target_ongoing=args.target_ongoing, premium_target_ongoing=args.premium_target_ongoing)
     (out / "loadtest-config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    ensure_router_artifact(config, demo_ok=args.config == "cpu-default")
+    ensure_router_artifact(config, train_from=default_profile(args.config))
     experts = [e.name for e in config.experts]
     prices = {e.name: e.price_per_1k_tokens for e in config.experts}
     premium = max(experts, key=lambda n: prices[n])

@@ -654,7 +654,7 @@ def test_writable_paths_need_volumes(built: Built) -> None:
 
 def test_old_cache_mount_hiding_the_router_artifact_is_caught(built: Built) -> None:
     """The bug this rule exists for: cpu-demo mounted an emptyDir at /home/ray/.cache, hiding the router artifact
-    Dockerfile.cpu builds at ~/.cache/coe/routers/cpu-default-v5, so the ingress could not start."""
+    Dockerfile.cpu builds at ~/.cache/coe/routers/cpu-default, so the ingress could not start."""
     def mutate(d: dict[str, Any], _: list[Obj]) -> None:
         c = worker_container(d)
         c["volumeMounts"].append({"name": "model-cache", "mountPath": "/home/ray/.cache"})
@@ -662,11 +662,11 @@ def test_old_cache_mount_hiding_the_router_artifact_is_caught(built: Built) -> N
 
     probs = problems_after(built, "cpu-demo", mutate)
     assert_caught(probs, "workerGroupSpecs[0].template.spec.containers[0].volumeMounts",
-                  "'model-cache' mounted at /home/ray/.cache hides /home/ray/.cache/coe/routers/cpu-default-v5",
+                  "'model-cache' mounted at /home/ray/.cache hides /home/ray/.cache/coe/routers/cpu-default",
                   "router.artifact")
 
 
-@pytest.mark.parametrize("mount", ["/home/ray/.cache/coe/routers/cpu-default-v5", "/home/ray", "/home/ray/.cache/"])
+@pytest.mark.parametrize("mount", ["/home/ray/.cache/coe/routers/cpu-default", "/home/ray", "/home/ray/.cache/"])
 def test_any_mount_at_or_above_the_artifact_is_caught(built: Built, mount: str) -> None:
     def mutate(d: dict[str, Any], _: list[Obj]) -> None:
         _head(d)["template"]["spec"]["containers"][0]["volumeMounts"].append({"name": "cache", "mountPath": mount})

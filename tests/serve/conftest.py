@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,17 +39,35 @@ def serve_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def coe_url(tmp_path_factory: pytest.TempPathFactory, serve_redis: RedisServer) -> Iterator[str]:
+def router_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """cpu-default's RouterDC router, trained from the committed measured profile into a fresh folder (~20 s)."""
+    from coe.cli import default_profile, ensure_router_artifact
+    from coe.config import load_config
+
+    config = load_config("cpu-default")
+    config.router.artifact = str(tmp_path_factory.mktemp("router") / "cpu-default")
+    ensure_router_artifact(config, train_from=default_profile("cpu-default"))
+    return Path(config.router.artifact)
+
+
+@pytest.fixture(scope="session")
+def router(router_dir: Path):  # noqa: ANN201
+    """The same artifact loaded in the test process: what the service's decisions must agree with."""
+    from coe.routerdc import RouterDCRouter
+
+    return RouterDCRouter(router_dir)
+
+
+@pytest.fixture(scope="session")
+def coe_url(router_dir: Path, serve_redis: RedisServer) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from coe.cli import ensure_router_artifact, start_local_serve
+    from coe.cli import start_local_serve
     from coe.config import load_config
 
-    # cpu-default with its RouterDC router trained from the demo set into a fresh folder (about 20 s).
     config = load_config("cpu-default")
-    config.router.artifact = str(tmp_path_factory.mktemp("router") / "cpu-default")
-    ensure_router_artifact(config, demo_ok=True)
+    config.router.artifact = str(router_dir)
     previous = {k: os.environ.get(k) for k in ("COE_REDIS_URL", "COE_ADMIN_KEY")}
     os.environ["COE_REDIS_URL"] = serve_redis.url  # Ray's workers inherit the driver's environment at ray.init
     os.environ["COE_ADMIN_KEY"] = "coe-test-admin-" + secrets.token_hex(16)  # keys required, as in production

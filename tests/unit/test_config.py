@@ -111,12 +111,3 @@ def test_engine_options_must_match_engine() -> None:
 def test_missing_config_is_clear() -> None:
     with pytest.raises(ConfigError, match="neither a file nor a packaged config"):
         load_config("does-not-exist")
-
-
-def test_cpu_default_router_artifact_names_the_demo_set_version() -> None:
-    """Changing the demo routing set must change the cached artifact's path, or old caches would serve it."""
-    from router_models.demo_data import DEMO_VERSION
-
-    cfg = load_config("cpu-default")
-    assert cfg.router.kind == "routerdc"
-    assert cfg.router.artifact_path().name.endswith(f"-v{DEMO_VERSION}")

@@ -71,7 +71,7 @@ def test_chat_prompt_gets_system_prompt_and_template_experts_get_text() -> None:
     p = req.to_engine_prompt(CFG.expert("code"))
     assert p.messages is not None and p.messages[0]["role"] == "system"
     p = chat(messages=[{"role": "user", "content": "Good night"}]).to_engine_prompt(CFG.expert("translation"))
-    assert p.text is not None and p.text.endswith("English: Good night\nFrench:")
+    assert p.text is not None and p.text.endswith("Request: Good night\nAnswer:")
 
 
 def test_router_query_is_last_user_turn() -> None:

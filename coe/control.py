@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from coe.config import ControllerConfig, ExpertConfig, SLOConfig
+from coe.stats import percentile
 
 
 def near_best(quality: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
@@ -509,10 +510,7 @@ class LatencyWindow:
         self._expire(self._latest)
 
         def rank(values: list[float]) -> float | None:
-            if not values:
-                return None
-            values.sort()
-            return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+            return percentile(values, q * 100) if values else None
 
         return Percentiles(
             rank([s[1] for s in self._samples if s[1] is not None]),

@@ -31,6 +31,7 @@ from coe.control import Overflow, choose_within_threshold, spill_overflow
 from coe.encoder import Quantization, SentenceEncoder
 from coe.errors import RouterArtifactError
 from coe.routing import Router, RoutingDecision
+from coe.stats import softmax
 
 ARTIFACT_VERSION = 2
 ENCODER_TOP_FILE = "encoder_top.safetensors"
@@ -75,13 +76,6 @@ def encoder_fingerprint(encoder: SentenceEncoder, probe: np.ndarray | None = Non
     """A stable id of the encoder's behaviour: a hash of its (rounded) probe embeddings."""
     probe = encoder_probe(encoder) if probe is None else probe
     return hashlib.sha256(np.round(probe, 4).tobytes()).hexdigest()[:16]
-
-
-def softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = x / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import numpy as np
 
 from coe.config import CoeConfig
 from coe.encoder import SentenceEncoder
+from coe.stats import softmax
 
 if TYPE_CHECKING:
     from coe.control import Overflow
@@ -108,12 +109,6 @@ def route_isolated(router: Router, queries: list[str], thresholds: list[float | 
     return out
 
 
-def _softmax(x: np.ndarray, temperature: float) -> np.ndarray:
-    z = (x - x.max(axis=-1, keepdims=True)) / temperature
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 class EmbeddingRouter(_ConfiguredRouter):
     """Nearest expert: cosine similarity of the query to each expert's description and examples.
 
@@ -144,7 +139,7 @@ class EmbeddingRouter(_ConfiguredRouter):
         scores = np.full((len(queries), len(self._experts)), -1.0, dtype=np.float32)
         for k in range(len(self._experts)):
             scores[:, k] = sims[:, self._owner == k].max(axis=1)
-        probs = _softmax(scores, self._temperature)
+        probs = softmax(scores, self._temperature)
         out = []
         for row, p in zip(scores, probs):
             best = int(row.argmax())
@@ -174,22 +169,3 @@ class EmbeddingRouter(_ConfiguredRouter):
                     )
                 )
         return out
-
-
-def build_router(config: CoeConfig) -> Router:
-    """The router the config asks for (a RouterDC artifact is checked against the config's experts). A missing or
-    corrupt artifact gives a :class:`DegradedRouter` unless router.require_artifact (then RouterArtifactError)."""
-    rc = config.router
-    if rc.kind == "routerdc":
-        from coe.errors import RouterArtifactError
-        from coe.routerdc import RouterDCRouter  # imports this module: keep the import here
-
-        try:
-            return RouterDCRouter(rc.artifact_path(), expected_experts=[e.name for e in config.experts],
-                                  threshold=rc.threshold, fallback_expert=rc.fallback_expert,
-                                  min_confidence=rc.min_confidence)
-        except RouterArtifactError as err:
-            if rc.require_artifact or rc.fallback_expert is None:
-                raise
-            return DegradedRouter([e.name for e in config.experts], rc.fallback_expert, err.message)
-    return EmbeddingRouter(config)

@@ -51,7 +51,8 @@ from coe.protocol import (
     parse_request,
     read_json_body,
 )
-from coe.routing import DegradedRouter, Router, RoutingDecision, build_router, route_isolated
+from coe.routers import build_router
+from coe.routing import DegradedRouter, Router, RoutingDecision, route_isolated
 
 logger = logging.getLogger("ray.serve")
 

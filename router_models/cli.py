@@ -53,12 +53,23 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     sg.add_argument("--json", help="write the report as JSON here")
     sg.set_defaults(func=cmd_signal)
 
-    ev = rs.add_parser("eval", help="accuracy per file, baselines, quality against cost, decision latency")
-    ev.add_argument("--router", required=True)
+    ev = rs.add_parser("eval", help="accuracy per file, baselines, quality against cost, decision latency; or a "
+                                    "protocol under shift (trains its own routers from --train)")
+    ev.add_argument("--router", help="artifact to evaluate (not with a protocol)")
     ev.add_argument("--data", nargs="+", required=True, help="scored test files (never the training files)")
+    proto = ev.add_mutually_exclusive_group()
+    proto.add_argument("--merge-groups", action="store_true",
+                       help="no labels: merge the --train files into one group, train, test on --data")
+    proto.add_argument("--leave-one-group-out", action="store_true",
+                       help="unseen task: per group, train on the others, test on its test file")
+    proto.add_argument("--shift", type=float, metavar="S",
+                       help="shifted mix: test on a mixture at total variation distance S from the training mix")
+    ev.add_argument("--train", nargs="+", help="training files for a protocol")
+    ev.add_argument("--prices", help="for a protocol: as in `coe router train --prices`")
+    ev.add_argument("--seed", type=int, default=None, help="for --shift: the seed of the mixture (default 0)")
     ev.add_argument("--plot", help="write the PNG plot here")
     ev.add_argument("--json", help="write the full report as JSON here")
-    ev.add_argument("--latency-queries", type=int, default=200, help="queries timed one by one (0: skip)")
+    ev.add_argument("--latency-queries", type=int, default=None, help="queries timed one by one (default 200; 0: skip)")
     ev.set_defaults(func=cmd_eval)
 
 
@@ -115,9 +126,42 @@ def cmd_route(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from router_models.evaluate import evaluate, plot_report, print_report
 
-    report = evaluate(args.router, args.data, latency_queries=args.latency_queries)
+    if args.merge_groups or args.leave_one_group_out or args.shift is not None:
+        return _cmd_protocol(args)
+    if not args.router:
+        raise SystemExit("coe router eval: --router is required (or a protocol: --merge-groups, "
+                         "--leave-one-group-out, --shift S with --train FILES)")
+
+    if args.train or args.prices:
+        raise SystemExit("coe router eval: --train and --prices are for a protocol (--merge-groups, "
+                         "--leave-one-group-out, --shift S)")
+    report = evaluate(args.router, args.data,
+                      latency_queries=200 if args.latency_queries is None else args.latency_queries)
     print_report(report)
     return _write_outputs(args, report, lambda out: plot_report(report, out, title=f"router {args.router}"))
+
+
+def _cmd_protocol(args: argparse.Namespace) -> int:
+    from router_models import shift
+
+    if not args.train:
+        raise SystemExit("coe router eval: a protocol trains its own routers: pass --train FILES")
+    for given, flag in ((args.router, "--router"), (args.plot, "--plot"), (args.latency_queries, "--latency-queries")):
+        if given is not None:
+            raise SystemExit(f"coe router eval: {flag} is not used by a protocol (it trains its own routers on --train)")
+    if args.seed is not None and args.shift is None:
+        raise SystemExit("coe router eval: --seed is for --shift")
+    kw: dict[str, Any] = {"encoder": SentenceEncoder(quantize="onnx-int8"), "prices": _prices(args.prices)}
+    if args.merge_groups:
+        res = shift.merge_groups(args.train, args.data, **kw)
+    elif args.leave_one_group_out:
+        res = shift.leave_one_group_out(args.train, args.data, **kw)
+    else:
+        res = shift.shifted_mix(args.train, args.data, args.shift, seed=args.seed or 0, **kw)
+    shift.print_protocol(res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res.__dict__, indent=2))
+    return 0
 
 
 def _write_outputs(args: argparse.Namespace, report: Any, plot: Callable[[str], Path]) -> int:

@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 
 from coe.routerdc import RouterDCModel, decide_arrays, load_artifact
+from coe.stats import percentile
 from router_models.data import RoutingData, load_any
-from router_models.train import cached_encode, paper_accuracy
+from router_models.objectives import paper_accuracy
+from router_models.train import cached_encode
 
 DEFAULT_THRESHOLDS = tuple(float(x) for x in np.round(np.concatenate([np.linspace(0, 0.1, 11),
                                                                       np.linspace(0.125, 0.5, 16),
@@ -173,9 +175,9 @@ def measure_latency(model: RouterDCModel, encoder: Any, queries: list[str], n: i
     t_dec = time.perf_counter() - t0
     nq = sum(len(b) for b in batches)
     return {
-        "n": float(len(qs)), "route_p50_ms": float(np.percentile(dec, 50)), "route_p99_ms": float(np.percentile(dec, 99)),
-        "encoder_p50_ms": float(np.percentile(enc, 50)), "encoder_p99_ms": float(np.percentile(enc, 99)),
-        "route_over_encoder_p50": float(np.percentile(dec, 50) / np.percentile(enc, 50)),
+        "n": float(len(qs)), "route_p50_ms": percentile(dec, 50), "route_p99_ms": percentile(dec, 99),
+        "encoder_p50_ms": percentile(enc, 50), "encoder_p99_ms": percentile(enc, 99),
+        "route_over_encoder_p50": percentile(dec, 50) / percentile(enc, 50),
         "batch": float(batch), "route_batch_qps": nq / t_dec, "encoder_batch_qps": nq / t_enc,
     }
 

@@ -19,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coe.encoder import SentenceEncoder, transformer_layers
+from router_models.objectives import dual_contrastive_loss, task_mean_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,6 @@ def finetune_top_layers(encoder: SentenceEncoder, texts: list[str], correct: np.
     import faiss
     import torch
 
-    from router_models.train import dual_contrastive_loss, task_mean_accuracy
 
     torch.manual_seed(cfg.seed)
     float_model = SentenceEncoder(encoder.name, quantize="none").module

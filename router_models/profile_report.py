@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from coe.errors import InvalidRequestError
+from coe.stats import percentile
 from router_models.profile import load_profile, matrix_rows
 
 NEAR_ZERO = 0.05  # a suite where no expert reaches 5% is reported as such
@@ -53,7 +54,7 @@ def train_profile_router(out: Path, *, split: str | None, fallback_expert: str |
     return model, report, encoder
 
 
-ROUTER_RECIPE = 1  # bump when train_profile_router changes what it trains
+ROUTER_RECIPE = 2  # bump when train_profile_router (or train_router) changes what it trains
 
 
 def profile_digest(out: Path, fallback_expert: str | None) -> str:
@@ -68,7 +69,7 @@ def profile_digest(out: Path, fallback_expert: str | None) -> str:
 
 
 def _p50(values: list[float]) -> float:
-    return float(np.median(values)) if values else float("nan")
+    return percentile(values, 50)
 
 
 def build_report(out: Path, *, router_out: Path | None = None, progress: bool = False) -> dict[str, Any]:

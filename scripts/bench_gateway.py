@@ -27,7 +27,6 @@ import os
 import random
 import secrets
 import socket
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Any
 
 import httpx
 from tqdm import tqdm
+
+from coe.stats import percentile as pct
 
 QUERIES = [
     "Write a Python function that checks whether a string is a palindrome.",
@@ -46,11 +47,6 @@ QUERIES = [
     "Write a SQL query that counts orders per customer.",
     "Give me a short tip for public speaking.",
 ]
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
 async def learn_routes(url: str) -> dict[str, str]:
@@ -133,7 +129,7 @@ async def decode_speed(url: str, app: str, config: Any, max_tokens: int, reps: i
             t0 = time.perf_counter()
             res = await h.generate.remote(req.to_engine_prompt(e), req.to_sampling_params(e))
             direct_tps.append(res["completion_tokens"] / (time.perf_counter() - t0))
-    return {"gateway_tps": statistics.median(gw_tps), "direct_tps": statistics.median(direct_tps),
+    return {"gateway_tps": pct(gw_tps, 50), "direct_tps": pct(direct_tps, 50),
             "tokens": float(res["completion_tokens"])}
 
 

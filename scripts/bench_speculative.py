@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from coe.stats import percentile
 
 CODE = '''def total_price(items, tax_rate):
     subtotal = 0
@@ -101,7 +102,7 @@ def main() -> None:
     print("|---|---|---|---|")
     rows = []
     for kind, modes in res.items():
-        off, on = statistics.median(modes["off"]), statistics.median(modes["prompt lookup"])
+        off, on = percentile(modes["off"], 50), percentile(modes["prompt lookup"], 50)
         rows.append((kind, off, on))
         print(f"| {kind} | {off:.1f} | {on:.1f} | {on / off:.2f}x |")
 

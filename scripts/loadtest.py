@@ -47,6 +47,8 @@ import httpx
 import yaml
 from tqdm import tqdm
 
+from coe.stats import percentile as pct
+
 PROMPTS: dict[str, list[str]] = {
     "code": [
         "Write a Python function that checks whether a string is a palindrome.",
@@ -126,14 +128,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def pct(xs: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0-100) of xs; NaN for none. Infinite values (failures) count."""
-    if not xs:
-        return math.nan
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
 # -- the configuration under test ---------------------------------------------------------------------

@@ -59,6 +59,7 @@ from coe.control import (
     relievable,
     spill_overflow,
 )
+from coe.stats import percentile
 
 
 @dataclass
@@ -448,9 +449,9 @@ def _per_tick_stats(res: RunResult, traffic: Traffic, slo_ms: np.ndarray, dt: fl
         has = b > a
         row["arrivals"] = int(arrivals[r])
         row["completions"] = int(b - a)
-        row["p50_ms"] = float(np.percentile(lat[a:b], 50)) if has else math.nan
-        row["p99_ms"] = float(np.percentile(lat[a:b], 99)) if has else math.nan
-        row["p99_over_slo"] = float(np.percentile(ratio[a:b], 99)) if has else math.nan
+        row["p50_ms"] = percentile(lat[a:b], 50) if has else math.nan
+        row["p99_ms"] = percentile(lat[a:b], 99) if has else math.nan
+        row["p99_over_slo"] = percentile(ratio[a:b], 99) if has else math.nan
         row["slo_violation_share"] = float((ratio[a:b] > 1.0).mean()) if has else math.nan
         tot = max(1, int(arrivals[r]))
         row["share_top3"] = float(routed[r, top3].sum()) / tot
@@ -479,10 +480,10 @@ def summarize(res: RunResult, scn: Scenario, traffic: Traffic, t_min: float) -> 
     return {
         "requests": len(res.latency_ms),
         "unfinished": int((~ok).sum()),
-        "p50_ms": float(np.percentile(res.latency_ms[ok], 50)),
-        "p99_ms": float(np.percentile(res.latency_ms[ok], 99)),
+        "p50_ms": percentile(res.latency_ms[ok], 50),
+        "p99_ms": percentile(res.latency_ms[ok], 99),
         "over_slo": float(res.over_slo.mean()),
-        "burst_p99_ms": float(np.percentile(lat_b, 99)) if len(lat_b) else math.nan,
+        "burst_p99_ms": percentile(lat_b, 99) if len(lat_b) else math.nan,
         "t_min": t_min,
         "t_max_seen": max(t for _, t in res.tick_t),
         "t_back_s": back,

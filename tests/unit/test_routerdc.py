@@ -17,7 +17,8 @@ from coe.encoder import SentenceEncoder
 from coe.errors import RouterArtifactError
 from coe.routerdc import RouterDCRouter, decide, save_artifact
 from router_models.data import RoutingData
-from router_models.train import TrainConfig, paper_accuracy, train_router
+from router_models.objectives import paper_accuracy
+from router_models.train import TrainConfig, train_router
 
 EXPERTS = ["code", "math", "french", "generalist"]
 PRICES = {"code": 3.0, "math": 3.0, "french": 3.0, "generalist": 1.0}

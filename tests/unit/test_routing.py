@@ -98,7 +98,8 @@ def test_fallback_order_tries_the_next_candidates_then_the_fallback() -> None:
 def test_a_missing_artifact_degrades_to_the_fallback_unless_required(tmp_path) -> None:  # noqa: ANN001
     from coe.config import parse_config
     from coe.errors import ConfigError, RouterArtifactError
-    from coe.routing import DegradedRouter, build_router
+    from coe.routers import build_router
+    from coe.routing import DegradedRouter
 
     cfg = load_config("cpu-default")
     cfg.router.artifact = str(tmp_path / "nothing-here")

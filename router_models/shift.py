@@ -250,11 +250,13 @@ def shifted_mix(train_files: list[str | Path], test_files: list[str | Path], amo
     p /= p.sum()
     q = shifted_proportions(p, amount, seed)
     rows = sample_mixture(test.files, dict(zip(groups, q)), seed)
-    res, _, _ = _evaluate(model, train, train_emb, test, f"shifted mix (--shift {amount})", rows=rows)
-    # The mixture's average weighs files by their share in it (what the traffic would see), not equally.
-    counts = {f: int((test.files[rows] == f).sum()) for f in res.files}
-    total = sum(counts.values())
-    res.average = {m: float(sum(res.accuracy[f][m] * counts[f] for f in res.files) / total) for m in METHODS}
+    res, _, got = _evaluate(model, train, train_emb, test, f"shifted mix (--shift {amount})", rows=rows)
+    # The mixture's average weighs files by their share in it (what the traffic would see), not equally; so do
+    # the paired differences (over all queries of the mix).
+    total = len(rows)
+    res.average = {m: float(got[m].mean() * 100) for m in METHODS}
+    res.diff = {m: (float((got["router"] - got[m]).mean() * 100),
+                    float((got["router"] - got[m]).std(ddof=1) / np.sqrt(total) * 100)) for m in METHODS if m != "router"}
     res.extra.update({"train_proportions": dict(zip(groups, p.round(4).tolist())),
                       "test_proportions": dict(zip(groups, q.round(4).tolist())),
                       "total_variation": float(0.5 * np.abs(q - p).sum()), "seed": seed, "n_test": total})
@@ -277,8 +279,9 @@ def print_protocol(res: ProtocolResult) -> None:
         t.add_row(f, str(res.n.get(f, "")), *[f"{res.accuracy[f][m]:.2f}" for m in METHODS])
     t.add_row("average", "", *[f"{res.average[m]:.2f}" for m in METHODS], style="bold")
     con.print(t)
+    over = "over the mix's queries" if "total_variation" in res.extra else "mean over files"
     con.print("router - " + ", router - ".join(f"{m}: {d:+.2f} ± {se:.2f}" for m, (d, se) in res.diff.items())
-              + "  (mean over files, paired SE)")
+              + f"  ({over}, paired SE)")
     for g, info in res.extra.get("per_group", {}).items():
         con.print(f"  held out {g}: fallback {info['fallback_share_heldout'] * 100:.1f}% of held-out vs "
                   f"{info['fallback_share_in_distribution'] * 100:.1f}% in-distribution; AUROC ood "

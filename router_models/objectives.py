@@ -5,7 +5,7 @@ module at its top, so they do not depend on each other)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -29,6 +29,11 @@ class TrainConfig:
     min_confidence: float = 0.0
     cv_folds: int = 5  # cross-validation of the kNN shrinkage on the training split
     cv_repeats: int = 3  # ... repeated with fresh fold assignments (small groups: one split's noise picks m_g)
+    # How CV folds are drawn: "clusters" (whole k-means clusters of the training queries per fold, so validation
+    # queries are farther from the training ones, as under shift; it stands in for groups where there are none) or
+    # "random" (stratified by group; what the router used before: it chose settings that lost under shift).
+    cv_folds_by: Literal["clusters", "random"] = "clusters"
+    cv_clusters: int = 25
     knn_ks: tuple[int, ...] = (10, 20, 50)
     knn_taus: tuple[float, ...] = (0.05, 1.0)
     strengths: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)

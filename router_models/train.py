@@ -101,12 +101,21 @@ def cross_validate_shrinkage(emb: np.ndarray, correct: np.ndarray, groups: np.nd
 
     rng = np.random.default_rng(cfg.seed)
     splits = []
-    for _ in range(max(1, cfg.cv_repeats)):
+    for r in range(max(1, cfg.cv_repeats)):
         folds = np.zeros(len(emb), dtype=int)
-        for g in range(n_groups):
-            idx = np.flatnonzero(groups == g)
-            rng.shuffle(idx)
-            folds[idx] = np.arange(len(idx)) % cfg.cv_folds
+        if cfg.cv_folds_by == "clusters":
+            # faiss wants 39 points per centroid; never fewer clusters than folds.
+            n_cl = max(cfg.cv_folds, min(cfg.cv_clusters, len(emb) // 39))
+            km = faiss.Kmeans(emb.shape[1], n_cl, niter=20, seed=cfg.seed + r, spherical=True)
+            km.train(np.ascontiguousarray(emb))
+            _, cl = km.index.search(np.ascontiguousarray(emb), 1)
+            order = rng.permutation(n_cl)
+            folds = (order[cl[:, 0]] % cfg.cv_folds).astype(int)
+        else:
+            for g in range(n_groups):
+                idx = np.flatnonzero(groups == g)
+                rng.shuffle(idx)
+                folds[idx] = np.arange(len(idx)) % cfg.cv_folds
         splits.extend(folds == f for f in range(cfg.cv_folds))
     kmax = max(cfg.knn_ks)
     # acc[k, tau, m, g]: summed credit; counts per group.

@@ -14,8 +14,11 @@ import pytest
 
 from coe.sandbox import Sandbox, SandboxLimits
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                reason="bubblewrap is not installed (scripts/test installs it when run as root)")
+@pytest.fixture(autouse=True, scope="module")
+def _bubblewrap() -> None:
+    if shutil.which("bwrap") is None:
+        pytest.fail("bubblewrap (bwrap) is not installed: scripts/test installs it when run as root; otherwise "
+                    "apt-get install bubblewrap")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,10 @@ from coe.errors import InvalidRequestError
 from coe.scoring import Scorers, code_program, extract_choice, extract_number, normalize, score_chrf, score_exact
 from router_models.suites import BUILTIN_SUITES, SHARED, load_jsonl, load_suite
 
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+@pytest.fixture()
+def needs_bwrap() -> None:
+    if shutil.which("bwrap") is None:
+        pytest.fail("bubblewrap (bwrap) is not installed: scripts/test installs it when run as root")
 
 
 @pytest.mark.parametrize(("text", "want"), [
@@ -79,7 +82,7 @@ def _humaneval_row(task: str) -> dict[str, str]:
         return next(r for r in map(json.loads, f) if r["task_id"] == task)
 
 
-@needs_bwrap
+@pytest.mark.usefixtures("needs_bwrap")
 def test_a_passing_code_item_scores_1_and_a_broken_one_0() -> None:
     suite = load_suite("code")
     item = next(it for it in suite.items if it.id == "HumanEval-0")
@@ -96,7 +99,7 @@ def test_a_passing_code_item_scores_1_and_a_broken_one_0() -> None:
     assert scorers.score(item.scorer, hang, item.reference, item.meta) == 0.0
 
 
-@needs_bwrap
+@pytest.mark.usefixtures("needs_bwrap")
 def test_jsonl_code_tests_item() -> None:
     items = {it.id: it for it in load_jsonl(Path("router_models/suites/examples/my_suite.jsonl"), "mine")}
     add = items["add"]
@@ -108,7 +111,7 @@ def test_jsonl_code_tests_item() -> None:
     assert solution.strip() == "def add(a, b):\n    return a + b"
 
 
-@needs_bwrap
+@pytest.mark.usefixtures("needs_bwrap")
 @pytest.mark.parametrize("trick", [
     "import sys\ndef add(a, b):\n    return a - b\nsys.exit(0)",
     "import unittest\ndef add(a, b):\n    return a - b\nif __name__ == '__main__':\n    unittest.main()",
@@ -136,8 +139,9 @@ def test_builtin_suites_have_what_the_readme_says() -> None:
             assert f"\n{it.reference})" in it.question
 
 
-@pytest.mark.skipif(not (SHARED / "data" / "suites" / "gsm8k").exists(), reason="../shared/data/suites/gsm8k absent")
 def test_math_suite_reads_gsm8k_answers() -> None:
+    if not (SHARED / "data" / "suites" / "gsm8k").exists():
+        pytest.fail(f"GSM8K not found under {SHARED}: the shared data must sit next to the project")
     math = load_suite("math")
     assert len(math.items) == 1319 and math.items[0].scorer == "number"
     assert math.items[0].reference == "18"  # Janet's ducks

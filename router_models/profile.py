@@ -486,9 +486,10 @@ def load_profile(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[
     return meta, items, answers
 
 
-def matrix_rows(out: Path) -> list[dict[str, Any]]:
-    """Items every expert answered and that are scored: {"id", "group", "split", "question", "scores"}."""
-    meta, items, answers = load_profile(out)
+def matrix_rows(out: Path, loaded: Any = None) -> list[dict[str, Any]]:
+    """Items every expert answered and that are scored: {"id", "group", "split", "question", "scores"}.
+    `loaded`: what load_profile(out) returned, when the caller has it (the files are read once)."""
+    meta, items, answers = loaded or load_profile(out)
     experts = list(meta["experts"])
     rows = []
     for it in items:

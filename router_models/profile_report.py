@@ -24,13 +24,13 @@ NEAR_ZERO = 0.05  # a suite where no expert reaches 5% is reported as such
 THRESHOLDS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 
 
-def profile_routing_data(out: Path, split: str | None = None) -> Any:
+def profile_routing_data(out: Path, split: str | None = None, loaded: Any = None) -> Any:
     """The matrix rows (of one split, or all) as RoutingData, with the suite as each row's task."""
     from router_models.data import RoutingData
 
-    meta, _, _ = load_profile(out)
-    experts = list(meta["experts"])
-    rows = [r for r in matrix_rows(out) if split is None or r["split"] == split]
+    loaded = loaded or load_profile(out)
+    experts = list(loaded[0]["experts"])
+    rows = [r for r in matrix_rows(out, loaded) if split is None or r["split"] == split]
     return RoutingData(name=split or "profile", questions=[r["question"] for r in rows], experts=experts,
                        scores=np.array([[r["scores"][e] for e in experts] for r in rows], dtype=np.float64).reshape(
                            len(rows), len(experts)),
@@ -43,8 +43,9 @@ def train_profile_router(out: Path, *, split: str | None, fallback_expert: str |
     from coe.encoder import SentenceEncoder
     from router_models.train import train_router
 
-    meta, _, _ = load_profile(out)
-    data = profile_routing_data(out, split)
+    loaded = load_profile(out)
+    meta = loaded[0]
+    data = profile_routing_data(out, split, loaded)
     if len(data) < 20:
         raise InvalidRequestError(f"{out}: only {len(data)} {split or ''} rows every expert answered; profile more "
                                   "items")
@@ -62,8 +63,9 @@ def profile_digest(out: Path, fallback_expert: str | None) -> str:
     import hashlib
     import json
 
-    meta, _, _ = load_profile(out)
-    raw = json.dumps([matrix_rows(out), {e: i["price_per_1k_tokens"] for e, i in meta["experts"].items()},
+    loaded = load_profile(out)
+    meta = loaded[0]
+    raw = json.dumps([matrix_rows(out, loaded), {e: i["price_per_1k_tokens"] for e, i in meta["experts"].items()},
                       fallback_expert, ROUTER_RECIPE], sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
@@ -77,9 +79,10 @@ def build_report(out: Path, *, router_out: Path | None = None, progress: bool = 
     from coe.routerdc import decide_arrays, save_artifact
     from router_models.train import cached_encode
 
-    meta, _, answers = load_profile(out)
+    loaded = load_profile(out)
+    meta, _, answers = loaded
     experts = list(meta["experts"])
-    rows = matrix_rows(out)
+    rows = matrix_rows(out, loaded)
     if not rows:
         raise InvalidRequestError(f"{out}: no item was answered (and scored) by every expert yet")
     suites = sorted({r["group"] for r in rows})

@@ -34,10 +34,18 @@ class TrainConfig:
     # "random" (stratified by group; what the router used before: it chose settings that lost under shift).
     cv_folds_by: Literal["clusters", "random"] = "clusters"
     cv_clusters: int = 25
-    knn_ks: tuple[int, ...] = (10, 20, 50)
-    knn_taus: tuple[float, ...] = (0.05, 1.0)
+    # kNN settings searched by cross-validation; the grid holds the plain-kNN defaults (k = 100, temperature 0.1)
+    # that `coe router eval`'s shift protocols compare against, so the router can always choose them.
+    knn_ks: tuple[int, ...] = (10, 20, 50, 100, 200)
+    knn_taus: tuple[float, ...] = (0.05, 0.1, 0.2, 1.0)
     strengths: tuple[float, ...] = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
     prior_weight_decay: float = 1e-3
+    # Training data with a single group (no task labels): this many k-means clusters of the queries stand in for
+    # groups in the group prior and the shrinkage (router_models.train.pseudo_groups); 0 keeps one group.
+    pseudo_groups: int = 8
+    # The learned fallback threshold (router_models.train.calibrate_fallback) may send at most this share of
+    # validation queries (kinds the router has seen) to the fallback expert.
+    fallback_max_seen_share: float = 0.05
     min_val_for_fusion: int = 200  # queries needed to fit the RouterDC/kNN fusion weight (out-of-fold)
     fusion_tolerance: float = 0.25  # the smallest alpha within this many points of the best CV accuracy
     # Encoder fine-tuning (router_models/finetune.py), opt-in: on the RouterDC train files it adds ~8 min and

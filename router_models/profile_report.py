@@ -55,7 +55,7 @@ def train_profile_router(out: Path, *, split: str | None, fallback_expert: str |
     return model, report, encoder
 
 
-ROUTER_RECIPE = 3  # bump when train_profile_router (or train_router) changes what it trains
+ROUTER_RECIPE = 4  # bump when train_profile_router (or train_router) changes what it trains
 
 
 def profile_digest(out: Path, fallback_expert: str | None) -> str:

@@ -87,51 +87,87 @@ def fit_prior(emb: np.ndarray, correct: np.ndarray, groups: np.ndarray, n_groups
                       np.ones(n_groups, np.float32) * 100 if strength is None else strength.astype(np.float32))
 
 
-def cross_validate_shrinkage(emb: np.ndarray, correct: np.ndarray, groups: np.ndarray, n_groups: int,
-                             cfg: TrainConfig, progress: bool) -> tuple[int, float, np.ndarray, float]:
-    """Choose (k, tau) and a per-group shrinkage strength m_g by repeated K-fold CV; returns them and the CV
-    accuracy.
+def assign_folds(emb: np.ndarray, groups: np.ndarray, n_groups: int, cfg: TrainConfig, seed: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A fold number per query, and the weight each query carries in the CV score.
 
-    Routing accuracy picks (k, tau); per group, among strengths within 0.25 points of that group's best
-    accuracy, the lowest Brier score of the predicted quality against the experts' actual scores wins: q is
-    read as a quality estimate (the threshold t and the quality debt are measured on its scale), not only
-    through its argmax.
+    Folds (``cfg.cv_folds_by``): whole k-means clusters of the queries per fold, so validation queries sit
+    farther from the training ones, as under shift, or random folds stratified by group.
+    Weights: the score is a mean over groups, each group's queries summing to 1, as the evaluation averages over
+    task files. With a single group (no labels) and cluster folds, the clusters stand in for the groups: each
+    cluster weighs the same, so the settings chosen do not just fit the largest kind of query in the training mix.
+    """
+    import faiss
+
+    folds = np.zeros(len(emb), dtype=int)
+    units = groups
+    if cfg.cv_folds_by == "clusters":
+        # faiss wants 39 points per centroid; never fewer clusters than folds.
+        n_cl = max(cfg.cv_folds, min(cfg.cv_clusters, len(emb) // 39))
+        km = faiss.Kmeans(emb.shape[1], n_cl, niter=20, seed=seed, spherical=True)
+        km.train(np.ascontiguousarray(emb))
+        _, cl = km.index.search(np.ascontiguousarray(emb), 1)
+        order = rng.permutation(n_cl)
+        folds = (order[cl[:, 0]] % cfg.cv_folds).astype(int)
+        if n_groups == 1:
+            units = cl[:, 0].astype(int)
+    else:
+        for g in range(n_groups):
+            idx = np.flatnonzero(groups == g)
+            rng.shuffle(idx)
+            folds[idx] = np.arange(len(idx)) % cfg.cv_folds
+    weight = np.zeros(len(emb))
+    for g in range(n_groups):
+        in_g = groups == g
+        sizes = np.bincount(units[in_g])
+        n_units = int((sizes > 0).sum())
+        weight[in_g] = 1.0 / (n_units * sizes[units[in_g]])
+    return folds, weight
+
+
+def weighted_accuracy(correct: np.ndarray, chosen: np.ndarray, weight: np.ndarray, groups: np.ndarray) -> float:
+    """Credit of the chosen experts, x100, weighted as :func:`assign_folds` says (a mean over groups)."""
+    got = correct[np.arange(len(chosen)), chosen]
+    return float((got * weight).sum() / len(np.unique(groups)) * 100)
+
+
+def cross_validate_shrinkage(emb: np.ndarray, correct: np.ndarray, groups: np.ndarray, n_groups: int,
+                             cfg: TrainConfig, progress: bool) -> tuple[int, float, np.ndarray, dict[str, float]]:
+    """Choose (k, tau) and a shrinkage strength m_g per group; returns them and the CV accuracies.
+
+    Seen kinds of query: repeated K-fold CV (cluster folds by default). Per (k, tau) the candidates are the
+    per-group strengths (per group, among strengths within 0.25 points of that group's best accuracy, the
+    lowest Brier score of the predicted quality against the experts' actual scores wins: q is read as a quality
+    estimate, not only through its argmax) and each single strength for all groups.
+    Unseen kinds: with several groups, each candidate is also scored leaving each group out. The candidate with
+    the best mean of the two wins: a strong group prior that recognises the training files but misleads on a
+    new task loses to a weaker one.
     """
     import faiss
 
     rng = np.random.default_rng(cfg.seed)
     splits = []
     for r in range(max(1, cfg.cv_repeats)):
-        folds = np.zeros(len(emb), dtype=int)
-        if cfg.cv_folds_by == "clusters":
-            # faiss wants 39 points per centroid; never fewer clusters than folds.
-            n_cl = max(cfg.cv_folds, min(cfg.cv_clusters, len(emb) // 39))
-            km = faiss.Kmeans(emb.shape[1], n_cl, niter=20, seed=cfg.seed + r, spherical=True)
-            km.train(np.ascontiguousarray(emb))
-            _, cl = km.index.search(np.ascontiguousarray(emb), 1)
-            order = rng.permutation(n_cl)
-            folds = (order[cl[:, 0]] % cfg.cv_folds).astype(int)
-        else:
-            for g in range(n_groups):
-                idx = np.flatnonzero(groups == g)
-                rng.shuffle(idx)
-                folds[idx] = np.arange(len(idx)) % cfg.cv_folds
-        splits.extend(folds == f for f in range(cfg.cv_folds))
-    kmax = max(cfg.knn_ks)
-    # acc[k, tau, m, g]: summed credit; counts per group.
-    credit = np.zeros((len(cfg.knn_ks), len(cfg.knn_taus), len(cfg.strengths), n_groups))
+        folds, weight = assign_folds(emb, groups, n_groups, cfg, cfg.seed + r, rng)
+        splits.extend((folds == f, weight) for f in range(cfg.cv_folds))
+    # Neighbour counts above the smallest fold's training size would read past the index (small data).
+    n_fit = min(int((~va).sum()) for va, _ in splits)
+    ks = [k for k in cfg.knn_ks if k <= n_fit] or [max(1, n_fit)]
+    kmax = max(ks)
+    # credit[k, tau, m, g]: weighted credit (each group's weights sum to 1 per repeat), and squared error.
+    credit = np.zeros((len(ks), len(cfg.knn_taus), len(cfg.strengths), n_groups))
     sq_err = np.zeros_like(credit)
-    counts = np.bincount(groups, minlength=n_groups).astype(float) * max(1, cfg.cv_repeats)
-    for va in tqdm(splits, desc="cross-validating kNN shrinkage", disable=not progress, unit="fold"):
+    counts = np.full(n_groups, float(max(1, cfg.cv_repeats)))
+    for va, weight in tqdm(splits, desc="cross-validating kNN shrinkage", disable=not progress, unit="fold"):
         tr = ~va
         prior = fit_prior(emb[tr], correct[tr], groups[tr], n_groups, cfg.prior_weight_decay)
         index = faiss.IndexFlatIP(emb.shape[1])
         index.add(np.ascontiguousarray(emb[tr]))
-        sims, ids = index.search(np.ascontiguousarray(emb[va]), min(kmax, int(tr.sum())))
+        sims, ids = index.search(np.ascontiguousarray(emb[va]), kmax)
         quality_tr = correct[tr]
         prior_q = prior.proba(emb[va]) @ prior.mean_quality
-        cv, gv = correct[va], groups[va]
-        for a, k in enumerate(cfg.knn_ks):
+        cv, gv, wv = correct[va], groups[va], weight[va]
+        for a, k in enumerate(ks):
             s, i = sims[:, :k], ids[:, :k]
             for b, tau in enumerate(cfg.knn_taus):
                 w = np.exp((s - s[:, :1]) / tau)
@@ -141,47 +177,93 @@ def cross_validate_shrinkage(emb: np.ndarray, correct: np.ndarray, groups: np.nd
                     q = (num + m * prior_q) / (den + m)
                     chosen = q.argmax(1)
                     got = cv[np.arange(len(chosen)), chosen]
-                    credit[a, b, c] += np.bincount(gv, weights=got, minlength=n_groups)
-                    sq_err[a, b, c] += np.bincount(gv, weights=((q - cv) ** 2).mean(1), minlength=n_groups)
+                    credit[a, b, c] += np.bincount(gv, weights=got * wv, minlength=n_groups)
+                    sq_err[a, b, c] += np.bincount(gv, weights=((q - cv) ** 2).mean(1) * wv, minlength=n_groups)
     acc = credit / np.maximum(counts, 1) * 100  # (K, T, M, G)
     brier = sq_err / np.maximum(counts, 1)
-    best_per_group = acc.max(axis=2)  # (K, T, G)
-    a, b = np.unravel_index(best_per_group.mean(axis=2).argmax(), best_per_group.shape[:2])
-    strength = np.empty(n_groups)
+    # Per (k, tau), the candidate strength vectors: the per-group choice (best accuracy, then the lowest Brier
+    # score within 0.25 points) and each strength for every group alike.
+    cands: dict[tuple[int, int], list[np.ndarray]] = {}
+    seen_acc: dict[tuple[int, int], list[float]] = {}
+    for a in range(len(ks)):
+        for b in range(len(cfg.knn_taus)):
+            per_group = np.empty(n_groups)
+            for g in range(n_groups):
+                ok = np.flatnonzero(acc[a, b, :, g] >= acc[a, b, :, g].max() - 0.25)
+                per_group[g] = int(ok[brier[a, b, ok, g].argmin()])
+            vecs = [per_group] + [np.full(n_groups, c) for c in range(len(cfg.strengths))]
+            cands[a, b] = vecs
+            seen_acc[a, b] = [float(np.mean(acc[a, b, v.astype(int), np.arange(n_groups)])) for v in vecs]
+    unseen_acc = _leave_one_group_out_accuracy(emb, correct, groups, n_groups, cfg, ks, cands) if n_groups > 1 else None
+    best, best_score = (0, 0, 0), -np.inf
+    for (a, b), accs in seen_acc.items():
+        for i, x in enumerate(accs):
+            score = x if unseen_acc is None else 0.5 * x + 0.5 * unseen_acc[a, b][i]
+            if score > best_score + 1e-9:
+                best, best_score = (a, b, i), score
+    a, b, i = best
+    strength = np.array([cfg.strengths[int(c)] for c in cands[a, b][i]])
+    return ks[a], cfg.knn_taus[b], strength, {
+        "cv_seen_acc": seen_acc[a, b][i],
+        "cv_unseen_acc": float("nan") if unseen_acc is None else unseen_acc[a, b][i],
+        "cv_strength_per_group": float(i == 0)}
+
+
+def _leave_one_group_out_accuracy(emb: np.ndarray, correct: np.ndarray, groups: np.ndarray, n_groups: int,
+                                  cfg: TrainConfig, ks: list[int], cands: dict[tuple[int, int], list[np.ndarray]]
+                                  ) -> dict[tuple[int, int], list[float]]:
+    """Accuracy (x100, each held-out group weighing the same) of every (k, tau, strength vector) candidate on
+    each group in turn, routed by the kNN side fitted on the other groups: how the settings do on a kind of
+    query the router never saw."""
+    import faiss
+
+    out = {key: [0.0] * len(v) for key, v in cands.items()}
+    kmax = max(ks)
     for g in range(n_groups):
-        ok = np.flatnonzero(acc[a, b, :, g] >= acc[a, b, :, g].max() - 0.25)
-        strength[g] = cfg.strengths[int(ok[brier[a, b, ok, g].argmin()])]
-    chosen_acc = float(np.mean([acc[a, b, cfg.strengths.index(strength[g]), g] for g in range(n_groups)]))
-    return cfg.knn_ks[a], cfg.knn_taus[b], strength, chosen_acc
+        h, rest = groups == g, groups != g
+        if not h.any() or rest.sum() < kmax:
+            continue
+        prior = fit_prior(emb[rest], correct[rest], groups[rest], n_groups, cfg.prior_weight_decay)
+        index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(np.ascontiguousarray(emb[rest]))
+        sims, ids = index.search(np.ascontiguousarray(emb[h]), kmax)
+        p = prior.proba(emb[h])
+        prior_q = p @ prior.mean_quality
+        quality, ch = correct[rest], correct[h]
+        for (a, b), vecs in cands.items():
+            s, i = sims[:, : ks[a]], ids[:, : ks[a]]
+            w = np.exp((s - s[:, :1]) / cfg.knn_taus[b])
+            num = np.einsum("nj,njk->nk", w, quality[i])
+            den = w.sum(1, keepdims=True)
+            for j, v in enumerate(vecs):
+                m = (p @ np.asarray(cfg.strengths)[v.astype(int)])[:, None]
+                chosen = ((num + m * prior_q) / (den + m)).argmax(1)
+                out[a, b][j] += float(ch[np.arange(len(chosen)), chosen].mean() * 100 / n_groups)
+    return out
 
 
-def cross_validate_fusion(emb: np.ndarray, correct: np.ndarray, clusters: np.ndarray, tasks: np.ndarray,
+def cross_validate_fusion(emb: np.ndarray, correct: np.ndarray, clusters: np.ndarray,
                           groups: np.ndarray, n_groups: int, params: RouterDCParams, strength: np.ndarray,
-                          cfg: TrainConfig, progress: bool) -> tuple[float, list[float]]:
+                          cfg: TrainConfig, epochs: int, progress: bool) -> tuple[float, list[float]]:
     """The RouterDC/kNN fusion weight alpha by K-fold CV on the training split; returns (alpha, accuracy per alpha).
 
-    Each fold trains the RouterDC head and builds the kNN index and prior on the other folds, and predicts
-    its own queries; alpha is then fitted on all out-of-fold predictions at once (every training query, not
+    Folds as ``cfg.cv_folds_by`` (whole query clusters by default). Each fold trains the RouterDC head for
+    `epochs` (the count the full training kept; nothing is selected on the fold's own queries) and builds the
+    kNN index and prior on the other folds, and predicts its own queries; alpha is then fitted on all out-of-fold predictions at once (every training query, not
     a small validation split): the smallest alpha within ``fusion_tolerance`` points of the best.
     """
     import copy
 
     import faiss
 
-    rng = np.random.default_rng(cfg.seed + 1)
-    folds = np.zeros(len(emb), dtype=int)
-    for g in range(n_groups):
-        idx = np.flatnonzero(groups == g)
-        rng.shuffle(idx)
-        folds[idx] = np.arange(len(idx)) % cfg.cv_folds
+    folds, weight = assign_folds(emb, groups, n_groups, cfg, cfg.seed + 1, np.random.default_rng(cfg.seed + 1))
     p_dc = np.zeros_like(correct, dtype=np.float64)
     q_knn = np.zeros_like(correct, dtype=np.float64)
     fold_params = copy.deepcopy(params)
     for f in tqdm(range(cfg.cv_folds), desc="cross-validating the fusion weight", disable=not progress,
                   unit="fold"):
         tr, va = folds != f, folds == f
-        w, b, e, _ = _train_dual_contrastive(emb[tr], correct[tr], clusters[tr], cfg, emb[va], correct[va],
-                                             tasks[va], False)
+        w, b, e, _, _ = _train_dual_contrastive(emb[tr], correct[tr], clusters[tr], cfg, None, False, epochs)
         prior = fit_prior(emb[tr], correct[tr], groups[tr], n_groups, cfg.prior_weight_decay, strength)
         index = faiss.IndexFlatIP(emb.shape[1])
         index.add(np.ascontiguousarray(emb[tr]))
@@ -192,14 +274,86 @@ def cross_validate_fusion(emb: np.ndarray, correct: np.ndarray, clusters: np.nda
     fits = []
     for alpha in alphas:
         fold_params.alpha = float(alpha)
-        fits.append(task_mean_accuracy(correct, m.fuse(p_dc, q_knn).argmax(1), tasks))
+        fits.append(weighted_accuracy(correct, m.fuse(p_dc, q_knn).argmax(1), weight, groups))
     ok = [i for i, f in enumerate(fits) if f >= max(fits) - cfg.fusion_tolerance]
     return float(alphas[ok[0]]), fits
 
 
+def calibrate_fallback(emb: np.ndarray, correct: np.ndarray, groups: np.ndarray, n_groups: int, cfg: TrainConfig,
+                       knn_k: int, knn_tau: float, strength: np.ndarray, fallback: int,
+                       seen: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[float, dict[str, float]]:
+    """The nearest-training-similarity below which a query goes to the fallback expert, learned where the
+    router would do worse than the fallback; returns (threshold, report). -1 = never.
+
+    Unseen kinds of query are simulated on the training split: with several groups, each group in turn is held
+    out (leave-one-group-out) and routed by the kNN side fitted on the others; with one group, whole clusters
+    of queries are held out (the cluster folds). `seen` = (nearest similarity, credit of the router's choice,
+    credit of the fallback) of validation queries whose kind the router has seen. The threshold maximises the
+    accuracy on the held-out queries (each group or cluster weighing the same) among thresholds that send at
+    most ``cfg.fallback_max_seen_share`` of the seen queries to the fallback (seen traffic is most traffic: an
+    operating point on the in-distribution false-positive rate); ties go to the lowest threshold (the fewest
+    fallbacks). The RouterDC side is not part of this estimate: it only changes decisions through a fusion
+    weight alpha > 0.
+    """
+    import faiss
+
+    if n_groups > 1:
+        held = [groups == g for g in range(n_groups)]
+        weight = np.zeros(len(emb))
+        for g in range(n_groups):
+            weight[groups == g] = 1.0 / (n_groups * max(1, int((groups == g).sum())))
+    else:
+        folds, weight = assign_folds(emb, groups, n_groups, cfg, cfg.seed + 2, np.random.default_rng(cfg.seed + 2))
+        held = [folds == f for f in range(cfg.cv_folds)]
+    sim_h = np.zeros(len(emb))
+    got_h = np.zeros(len(emb))
+    for h in held:
+        rest = ~h
+        if not h.any() or rest.sum() < knn_k:
+            continue
+        prior = fit_prior(emb[rest], correct[rest], groups[rest], n_groups, cfg.prior_weight_decay, strength)
+        index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(np.ascontiguousarray(emb[rest]))
+        sims, ids = index.search(np.ascontiguousarray(emb[h]), knn_k)
+        w = np.exp((sims - sims[:, :1]) / knn_tau)
+        p = prior.proba(emb[h])
+        m = (p @ prior.strength)[:, None]
+        q = (np.einsum("nj,njk->nk", w, correct[rest][ids]) + m * (p @ prior.mean_quality)) / (w.sum(1, keepdims=True) + m)
+        sim_h[h] = sims[:, 0]
+        got_h[h] = correct[h][np.arange(int(h.sum())), q.argmax(1)]
+    fb_h = correct[:, fallback]
+    sim_s, got_s, fb_s = seen
+    weight_s = np.full(len(sim_s), 1.0 / max(1, len(sim_s)))
+    weight = weight / weight.sum()
+    candidates = np.concatenate([[-1.0], np.quantile(sim_h, np.linspace(0.01, 0.99, 99)), [sim_h.max() + 1e-6]])
+
+    def accuracy(thr: float, sim: np.ndarray, got: np.ndarray, fb: np.ndarray, wt: np.ndarray) -> float:
+        return float((np.where(sim < thr, fb, got) * wt).sum() * 100)
+
+    candidates = [t for t in candidates if np.mean(sim_s < t) <= cfg.fallback_max_seen_share] or [-1.0]
+    scores = [accuracy(t, sim_h, got_h, fb_h, weight) for t in candidates]
+    best = int(np.flatnonzero(np.asarray(scores) >= max(scores) - 1e-9)[0])
+    thr = float(candidates[best])
+    report = {
+        "fallback_cv_unseen_acc_never": accuracy(-1.0, sim_h, got_h, fb_h, weight),
+        "fallback_cv_unseen_acc": accuracy(thr, sim_h, got_h, fb_h, weight),
+        "fallback_cv_unseen_share": float(((sim_h < thr) * weight).sum()),
+        "fallback_cv_seen_acc_never": accuracy(-1.0, sim_s, got_s, fb_s, weight_s),
+        "fallback_cv_seen_acc": accuracy(thr, sim_s, got_s, fb_s, weight_s),
+        "fallback_learned_min_similarity": thr,
+    }
+    return thr, report
+
+
 def _train_dual_contrastive(emb: np.ndarray, correct: np.ndarray, clusters: np.ndarray, cfg: TrainConfig,
-                            val_emb: np.ndarray, val_correct: np.ndarray, val_tasks: np.ndarray, progress: bool
-                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+                            val: tuple[np.ndarray, np.ndarray, np.ndarray] | None, progress: bool,
+                            epochs: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:
+    """The RouterDC head and expert embeddings; returns (w, b, e, validation accuracy, epochs trained).
+
+    With `val` = (embeddings, credit, tasks) the epoch with the best validation routing accuracy is kept. Without
+    it, exactly `epochs` epochs are trained and kept (cross-validation folds: choosing the epoch on the fold's own
+    held-out queries would score the RouterDC side optimistically and bias the fusion weight towards it).
+    """
     import torch
 
     torch.manual_seed(cfg.seed)
@@ -214,10 +368,11 @@ def _train_dual_contrastive(emb: np.ndarray, correct: np.ndarray, clusters: np.n
     b = torch.nn.Parameter(torch.zeros(d))
     e = torch.nn.Parameter(torch.randn(k, d) * 0.05)
     opt = torch.optim.AdamW([w, b, e], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best = (-1.0, w.detach().clone(), b.detach().clone(), e.detach().clone())
+    best = (-1.0, w.detach().clone(), b.detach().clone(), e.detach().clone(), 0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    bar = tqdm(range(cfg.epochs), desc="training RouterDC", disable=not progress, unit="epoch")
-    for _ in bar:
+    n_epochs = cfg.epochs if epochs is None else max(1, epochs)
+    bar = tqdm(range(n_epochs), desc="training RouterDC", disable=not progress, unit="epoch")
+    for epoch in bar:
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
@@ -226,15 +381,20 @@ def _train_dual_contrastive(emb: np.ndarray, correct: np.ndarray, clusters: np.n
             opt.zero_grad()
             loss.backward()
             opt.step()
+        if val is None:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            continue
         with torch.no_grad():
-            hv = torch.nn.functional.normalize(torch.from_numpy(val_emb) @ w.T + b, dim=1)
+            hv = torch.nn.functional.normalize(torch.from_numpy(val[0]) @ w.T + b, dim=1)
             chosen = (hv @ torch.nn.functional.normalize(e, dim=1).T).argmax(1).numpy()
-        acc = task_mean_accuracy(val_correct, chosen, val_tasks)
+        acc = task_mean_accuracy(val[1], chosen, val[2])
         bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{acc:.2f}")
         if acc > best[0]:
-            best = (acc, w.detach().clone(), b.detach().clone(), e.detach().clone())
-    acc, bw, bb, be = best
-    return bw.numpy(), bb.numpy(), be.numpy(), acc
+            best = (acc, w.detach().clone(), b.detach().clone(), e.detach().clone(), epoch + 1)
+    if val is None:
+        return w.detach().numpy(), b.detach().numpy(), e.detach().numpy(), float("nan"), n_epochs
+    acc, bw, bb, be, best_epoch = best
+    return bw.numpy(), bb.numpy(), be.numpy(), acc, best_epoch
 
 
 def resolve_prices(data: RoutingData, prices: dict[str, float] | None) -> dict[str, float]:
@@ -248,6 +408,22 @@ def resolve_prices(data: RoutingData, prices: dict[str, float] | None) -> dict[s
     return prices
 
 
+def pseudo_groups(emb: np.ndarray, fit_rows: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, list[str]]:
+    """Training data without task labels: k-means clusters of the queries (fitted on `fit_rows`) stand in for
+    the groups, so the group prior and the per-group shrinkage still have a coarse "kind of query" to learn
+    (``cfg.pseudo_groups`` clusters; 0 or 1 keeps a single group)."""
+    import faiss
+
+    n = min(cfg.pseudo_groups, len(fit_rows) // 39)  # faiss wants 39 points per centroid
+    if n < 2:
+        return np.zeros(len(emb), dtype=int), ["all"]
+    km = faiss.Kmeans(emb.shape[1], n, niter=25, seed=cfg.seed, spherical=True)
+    km.train(np.ascontiguousarray(emb[fit_rows]))
+    _, cl = km.index.search(np.ascontiguousarray(emb), 1)
+    used = np.unique(cl[:, 0])
+    return np.searchsorted(used, cl[:, 0]).astype(int), [f"cluster-{i}" for i in range(len(used))]
+
+
 def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[str, float] | None = None,
                  fallback_expert: str | None = None, cfg: TrainConfig | None = None,
                  progress: bool = True, cache_dir: Path | None = None) -> tuple[RouterDCModel, dict[str, float]]:
@@ -255,9 +431,13 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
 
     1. Hold out a validation split (stratified by task); everything below is fitted on the rest.
     2. RouterDC: dual contrastive training of the head and expert embeddings.
-    3. Group prior and kNN shrinkage, chosen by K-fold cross-validation on the training split.
+    3. Group prior and kNN settings and shrinkage, chosen by cross-validation on the training split: cluster
+       folds for seen kinds of query, and each group held out in turn for unseen ones. Without task labels
+       (one group), k-means clusters of the queries stand in for the groups (`pseudo_groups`).
     4. The fusion weight alpha by K-fold CV on the training split (out-of-fold RouterDC and kNN predictions).
-    5. On validation: the confidence temperature, the OOD threshold (and the reported accuracies).
+    5. On validation: the confidence temperature, the OOD threshold (farther than 99% of validation queries, or
+       closer where held-out groups show the router losing to the fallback expert: `calibrate_fallback`), and
+       the reported accuracies.
     6. The prior and the FAISS index are refitted on all training queries (train + validation).
     With `cfg.finetune_layers` and enough queries, the encoder's top blocks are fine-tuned first (train split
     only) and steps 2-6 run on both encoders; the one with the better validation routing accuracy is kept.
@@ -275,12 +455,14 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
 
     def fit(emb: np.ndarray, encoder: SentenceEncoder, top_layers: dict[str, Any]
             ) -> tuple[RouterDCModel, dict[str, float]]:
+        grp, grp_names = (groups, group_names) if n_groups > 1 else pseudo_groups(emb, tr, cfg)
+        n_grp = len(grp_names)
         km = faiss.Kmeans(emb.shape[1], min(cfg.n_clusters, len(tr)), niter=25, seed=cfg.seed, spherical=True)
         km.train(emb[tr])
         _, clusters = km.index.search(emb[tr], 1)
-        w, b, e, dc_val = _train_dual_contrastive(emb[tr], correct[tr], clusters[:, 0], cfg, emb[va], correct[va],
-                                                  tasks[va], progress)
-        knn_k, knn_tau, strength, cv_acc = cross_validate_shrinkage(emb[tr], correct[tr], groups[tr], n_groups, cfg,
+        w, b, e, dc_val, dc_epochs = _train_dual_contrastive(emb[tr], correct[tr], clusters[:, 0], cfg,
+                                                             (emb[va], correct[va], tasks[va]), progress)
+        knn_k, knn_tau, strength, cv_acc = cross_validate_shrinkage(emb[tr], correct[tr], grp[tr], n_grp, cfg,
                                                                     progress)
 
         best_single = data.experts[int(correct[tr].mean(axis=0).argmax())]
@@ -294,12 +476,12 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
             experts=list(data.experts),
             prices={x: float(prices[x]) for x in data.experts}, tau=cfg.tau, knn_k=knn_k, knn_tau=knn_tau, alpha=0.0,
             calib_temperature=1.0, ood_min_similarity=-1.0, min_confidence=cfg.min_confidence,
-            fallback_expert=fallback_expert or best_single, groups=group_names,
+            fallback_expert=fallback_expert or best_single, groups=grp_names,
             encoder_finetuned_layers=cfg.finetune_layers if top_layers else 0,
         )
 
         def build(rows: np.ndarray) -> RouterDCModel:
-            prior = fit_prior(emb[rows], correct[rows], groups[rows], n_groups, cfg.prior_weight_decay, strength)
+            prior = fit_prior(emb[rows], correct[rows], grp[rows], n_grp, cfg.prior_weight_decay, strength)
             index = faiss.IndexFlatIP(emb.shape[1])
             index.add(np.ascontiguousarray(emb[rows]))
             return RouterDCModel(params, w, b, e, index, correct[rows], prior, encoder_top_layers=top_layers,
@@ -312,8 +494,8 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
         q_knn_val, nn_sim = model.knn(emb[va])
         cv_fusion: list[float] = []
         if len(tr) >= cfg.min_val_for_fusion:
-            params.alpha, cv_fusion = cross_validate_fusion(emb[tr], correct[tr], clusters[:, 0], tasks[tr], groups[tr],
-                                                            n_groups, params, strength, cfg, progress)
+            params.alpha, cv_fusion = cross_validate_fusion(emb[tr], correct[tr], clusters[:, 0], grp[tr],
+                                                            n_grp, params, strength, cfg, dc_epochs, progress)
         else:
             params.alpha = 0.0
         fused_val = task_mean_accuracy(correct[va], model.fuse(p_dc_val, q_knn_val).argmax(1), tasks[va])
@@ -332,6 +514,14 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
         # encoder's window) say nothing about the boundary; without enough others the OOD check stays off.
         distinct = nn_sim[nn_sim < 0.999]
         params.ood_min_similarity = percentile(distinct, 1) if len(distinct) >= 20 else -1.0
+        # ... or closer, where held-out kinds of query show the router doing worse than the fallback expert.
+        fb = data.experts.index(params.fallback_expert)
+        fb_report: dict[str, float] = {}
+        if len(va) and len(tr) >= cfg.min_val_for_fusion:
+            seen = (nn_sim, correct[va][np.arange(len(va)), q_knn_val.argmax(1)], correct[va][:, fb])
+            learned, fb_report = calibrate_fallback(emb[tr], correct[tr], grp[tr], n_grp, cfg, params.knn_k,
+                                                    params.knn_tau, strength, fb, seen)
+            params.ood_min_similarity = max(params.ood_min_similarity, learned)
         val_dec = decide_arrays(model, emb[va], 0.0)
         report = {
             "val_routerdc_acc": dc_val,
@@ -341,14 +531,15 @@ def train_router(data: RoutingData, encoder: SentenceEncoder, *, prices: dict[st
             "val_best_single_acc": task_mean_accuracy(correct[va], np.full(len(va), data.experts.index(best_single)),
                                                       tasks[va]),
             "val_oracle_acc": task_mean_accuracy(correct[va], correct[va].argmax(1), tasks[va]),
-            "cv_knn_prior_acc": cv_acc, "cv_fused_acc": cv_fusion[int(round(params.alpha * 10))] if cv_fusion else float("nan"),
-            "alpha": params.alpha, "knn_k": params.knn_k, "knn_tau": params.knn_tau,
+            "cv_knn_prior_acc": cv_acc["cv_seen_acc"], "cv_knn_prior_unseen_acc": cv_acc["cv_unseen_acc"],
+            "cv_strength_per_group": cv_acc["cv_strength_per_group"], "cv_fused_acc": cv_fusion[int(round(params.alpha * 10))] if cv_fusion else float("nan"),
+            "alpha": params.alpha, "routerdc_epochs": dc_epochs, "knn_k": params.knn_k, "knn_tau": params.knn_tau,
             "calib_temperature": params.calib_temperature, "ood_min_similarity": params.ood_min_similarity,
             "val_fallback_share": float(np.mean(val_dec.ood | val_dec.low_confidence)),
             "n_train": len(tr), "n_val": len(va),
-            "val_near_duplicate_share": float(np.mean(nn_sim >= 0.999)),
+            "val_near_duplicate_share": float(np.mean(nn_sim >= 0.999)), **fb_report,
         }
-        for g, name in enumerate(group_names):
+        for g, name in enumerate(grp_names):
             report[f"shrinkage[{name}]"] = float(strength[g])
         # Final statistics from every training query (hyper-parameters stay as chosen above).
         return build(np.concatenate([tr, va])), report

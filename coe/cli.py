@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["profile"] and (len(argv) < 2 or argv[1] not in ("run", "report", "-h", "--help")):
+    if argv[:1] == ["profile"] and (len(argv) < 2 or argv[1] not in ("run", "report", "signals", "-h", "--help")):
         argv.insert(1, "run")  # `coe profile --config ...` is `coe profile run --config ...`
     args = build_parser().parse_args(argv)
     try:

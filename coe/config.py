@@ -439,6 +439,57 @@ class AuthConfig(StrictModel):
     max_cached_keys: int = Field(10_000, ge=1, description="Verified keys cached per ingress replica (LRU).")
 
 
+Strategy = Literal["route", "cascade", "sgd"]
+
+
+class CascadeConfig(StrictModel):
+    """Cascade: the cheapest acceptable candidate answers first; a judged-wrong answer escalates."""
+
+    profile: str | None = Field(
+        None, description="The `coe profile` folder (with `coe profile signals` run on it) whose train split "
+        "calibrates the acceptance thresholds; a packaged profile by name (cpu-default) or a path. Without it, "
+        "cascade requests are refused (400).")
+    target_accuracy: float = Field(0.6, gt=0.0, le=1.0, description="An answer is accepted on its log-probabilities "
+                                   "when train answers at least as confident scored this much on average. Under load "
+                                   "the target drops by the controller's t (the cascade accepts earlier).")
+    max_steps: int = Field(3, ge=1, le=8, description="Most experts asked for one request.")
+    max_quality_gap: float = Field(0.5, ge=0.0, description="Candidates: experts no dearer than the best and whose "
+                                   "predicted quality is within this of it.")
+    budget_s: float | None = Field(None, gt=0.0, description="No new step starts after this many seconds.")
+    budget_usd: float | None = Field(None, gt=0.0, description="No new step starts once the steps so far cost this "
+                                     "much (USD, by each expert's price per 1k tokens).")
+    verifiers: list[Literal["code", "math"]] = Field(
+        default_factory=lambda: ["code", "math"], description="code: the answer must pass the examples the prompt "
+        "gives (in the sandbox); math: a second sample must agree on the final number. A verifier's verdict "
+        "overrides the log-probability rule.")
+
+
+class SGDConfig(StrictModel):
+    """Skeleton Graph Decoding: a planner splits a request into a DAG of sub-questions, routed and answered in
+    parallel where independent, and a composer writes the final answer."""
+
+    planner: str | None = Field(None, description="The expert that writes the plan (default: the router's fallback).")
+    composer: str | None = Field(None, description="The expert that composes the final answer from the nodes' "
+                                 "answers (default: the planner). null with compose: concat joins them instead.")
+    compose: Literal["model", "concat"] = Field("model", description="model: the composer writes the answer; "
+                                                "concat: each part's answer under its sub-question.")
+    max_nodes: int = Field(6, ge=1, le=16, description="Largest plan (more nodes: the plan is refused).")
+    planner_max_tokens: int = Field(384, ge=32)
+    node_max_tokens: int = Field(192, ge=1)
+    difficulty_threshold: list[float] = Field(
+        default_factory=lambda: [0.2, 0.1, 0.05, 0.0, 0.0], min_length=5, max_length=5,
+        description="t for nodes of difficulty 1..5 (at least the current t): easy nodes may go cheaper.")
+
+
+class StrategiesConfig(StrictModel):
+    """Request strategies for coe-auto: route (one expert), cascade, sgd. A request picks one with
+    `"coe": {"strategy": ...}`."""
+
+    default: Strategy = Field("route", description="The strategy of coe-auto requests that name none.")
+    cascade: CascadeConfig = Field(default_factory=CascadeConfig)
+    sgd: SGDConfig = Field(default_factory=SGDConfig)
+
+
 class CoeConfig(StrictModel):
     """The whole coe config."""
 
@@ -447,6 +498,7 @@ class CoeConfig(StrictModel):
     router: EmbeddingRouterConfig | RouterDCConfig = Field(discriminator="kind")
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    strategies: StrategiesConfig = Field(default_factory=StrategiesConfig)
     experts: list[ExpertConfig] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -468,6 +520,13 @@ class CoeConfig(StrictModel):
             raise ValueError(
                 f"router.fallback_expert '{self.router.fallback_expert}' is not an expert ({names})"
             )
+        sgd = self.strategies.sgd
+        for role, name in (("planner", sgd.planner), ("composer", sgd.composer)):
+            if name is not None and name not in names:
+                raise ValueError(f"strategies.sgd.{role} '{name}' is not an expert ({names})")
+        if self.strategies.default == "cascade" and self.strategies.cascade.profile is None:
+            raise ValueError("strategies.default is cascade but strategies.cascade.profile is not set: the cascade "
+                             "needs a calibration profile")
         return self
 
     def expert(self, name: str) -> ExpertConfig:

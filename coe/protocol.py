@@ -139,6 +139,9 @@ class CoeOptions(BaseModel):
 
     quality_threshold: float | None = Field(None, ge=0.0, le=1.0)
     max_quality_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    strategy: Literal["route", "cascade", "sgd"] | None = Field(
+        None, description="route: one expert; cascade: cheapest acceptable first, escalating; sgd: Skeleton Graph "
+        "Decoding across experts. Default: the config's strategies.default. coe-auto only.")
 
 
 class ContentPart(BaseModel):

@@ -28,6 +28,8 @@ class ExpertServer:
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
             "finish_reason": result.finish_reason,
+            "logprob_mean": result.logprob_mean,
+            "logprob_min": result.logprob_min,
         }
 
     async def stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[dict[str, Any]]:
@@ -38,6 +40,7 @@ class ExpertServer:
                 "finish_reason": chunk.finish_reason,
                 "prompt_tokens": chunk.prompt_tokens,
                 "completion_tokens": chunk.completion_tokens,
+                **chunk.extra,
             }
 
     async def check_health(self) -> None:

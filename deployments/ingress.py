@@ -7,12 +7,15 @@ Follow one request: `chat_completions` -> `_prepare` (parse, pick expert, map sa
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -53,6 +56,7 @@ from coe.protocol import (
 )
 from coe.routers import build_router
 from coe.routing import DegradedRouter, Router, RoutingDecision, route_isolated
+from coe.strategies import Answer, StrategyResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -193,6 +197,76 @@ def _add_request_schemas(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+class _IngressBackend:
+    """The strategies' view of the service (coe.strategies.Backend): expert calls through the ingress's handles
+    (timeouts, load tracking, one retry on a failed call, usage charged to the caller per call) and the router."""
+
+    def __init__(self, ingress: CoeIngress, principal: Principal) -> None:
+        self.ing = ingress
+        self.principal = principal
+        self.t0 = time.perf_counter()
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1e3
+
+    def price(self, expert: str) -> float:
+        return self.ing.experts[expert].price_per_1k_tokens
+
+    def engine_call(self, expert: str, messages: list[dict[str, str]], *, max_tokens: int | None = None,
+                    temperature: float | None = None, seed: int | None = None, logprobs: bool = False,
+                    json_schema: str | None = None, stop: list[str] | None = None
+                    ) -> tuple[ExpertConfig, EnginePrompt, SamplingParams]:
+        """The expert's prompt and sampling for chat `messages` (its system prompt or template and limits apply;
+        max_tokens is capped at the expert's limit)."""
+        e = self.ing.experts[expert]
+        sub = ChatCompletionRequest.model_validate({"model": expert, "messages": messages, "max_tokens": max_tokens,
+                                                   "temperature": temperature, "seed": seed, "stop": stop or None})
+        if max_tokens is not None and max_tokens > e.sampling.max_tokens_limit:
+            sub.max_tokens = e.sampling.max_tokens_limit
+        params = dataclasses.replace(sub.to_sampling_params(e), logprobs=logprobs, json_schema=json_schema)
+        return e, sub.to_engine_prompt(e), params
+
+    async def ask(self, expert: str, messages: list[dict[str, str]], *, max_tokens: int | None = None,
+                  temperature: float | None = None, seed: int | None = None, logprobs: bool = False,
+                  json_schema: str | None = None, stop: list[str] | None = None) -> Answer:
+        self.ing.auth.check_expert(self.principal, expert)
+        e, prompt, params = self.engine_call(expert, messages, max_tokens=max_tokens, temperature=temperature,
+                                             seed=seed, logprobs=logprobs, json_schema=json_schema, stop=stop)
+        start = self.elapsed_ms()
+        tries = 1 + self.ing.config.server.retries
+        for i in range(tries):
+            try:
+                out = await self.ing._generate(e, prompt, params)
+                break
+            except Exception as exc:  # noqa: BLE001 - a failed call is retried once on another replica
+                if not isinstance(as_coe_error(exc), RETRYABLE) or i + 1 >= tries:
+                    raise
+                self.ing.m_retries.inc(tags={"expert": expert, "error": as_coe_error(exc).error_type})
+        tokens = out["prompt_tokens"] + out["completion_tokens"]
+        self.ing._account_usage(self.principal, e, tokens)
+        return Answer(expert, out["text"], out["prompt_tokens"], out["completion_tokens"], out["finish_reason"],
+                      tokens / 1000 * e.price_per_1k_tokens, start, self.elapsed_ms() - start,
+                      out.get("logprob_mean"), out.get("logprob_min"))
+
+    async def route(self, text: str, threshold: float) -> RoutingDecision:
+        d = await self.ing._route_batched((text, threshold, threshold))
+        if isinstance(d, Exception):
+            raise d if isinstance(d, CoeError) else CoeError("routing failed") from None
+        return self.ing.load.restrict(d, self.principal.experts)
+
+
+def resolve_profile(ref: str) -> Path:
+    """A `coe profile` folder: a packaged one by name (router_models/profiles/NAME), else a path."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("router_models")
+    if spec is not None and spec.submodule_search_locations and "/" not in ref:
+        packaged = Path(next(iter(spec.submodule_search_locations))) / "profiles" / ref
+        if packaged.is_dir():
+            return packaged
+    return Path(os.path.expandvars(os.path.expanduser(ref)))
+
+
 @serve.ingress()
 class CoeIngress:
     """The HTTP front door; holds one handle per expert."""
@@ -226,6 +300,16 @@ class CoeIngress:
             logger.warning("coe is OPEN: no admin key is set, so every request is accepted (serving on %s%s)", host,
                            "" if is_loopback(host) else ", --insecure-no-auth")
         self.load = IngressLoad(self.config, self.router.experts, self.resting_threshold, self.router.uses_threshold)
+        self.calibration = None
+        prof = self.config.strategies.cascade.profile
+        if prof is not None:
+            from coe.strategies.calibration import CascadeCalibration
+
+            self.calibration = await asyncio.get_running_loop().run_in_executor(
+                None, CascadeCalibration.from_profile, resolve_profile(prof))
+            logger.info("cascade calibrated on %s: %s", prof,
+                        self.calibration.summary(self.config.strategies.cascade.target_accuracy))
+        self._sandbox: Any = None
         self._init_load_tracking(controller)
 
     # ---------- load tracking and the controller's threshold ----------
@@ -490,12 +574,27 @@ class CoeIngress:
             dropped = check_request(req, self.config.server.limits)
             if req.model in self.experts:
                 self.auth.check_expert(principal, req.model)
+            strategy = self._strategy_of(req)
             # The limit check (a Redis round trip) overlaps routing (an encoder pass); a refused request is a 429.
-            admission = asyncio.ensure_future(self.auth.admit(principal))
+            admission: asyncio.Future[dict[str, str]] | None = asyncio.ensure_future(self.auth.admit(principal))
+            coe_info: dict[str, Any] | None = None
+            if strategy != "route":
+                assert admission is not None
+                limit_headers = await admission
+                admission = None
+                extra = dict(limit_headers)
+                if dropped:
+                    extra["x-coe-dropped-params"] = ",".join(dropped)
+                outcome = await self._run_strategy(kind, req, principal, strategy, extra)
+                if isinstance(outcome, tuple):
+                    response, streaming = outcome  # a streamed answer releases the admission slot when it ends
+                    return response
+                coe_info = outcome  # the plan was refused: the request is routed, and the response says why
             try:
                 prep = await self._prepare(req, principal)
             finally:
-                limit_headers = await admission
+                if admission is not None:
+                    limit_headers = await admission
             expert_name = prep.expert.name
             record = None
             if prep.decision is not None:
@@ -504,9 +603,12 @@ class CoeIngress:
             extra = dict(limit_headers)
             if dropped:
                 extra["x-coe-dropped-params"] = ",".join(dropped)
+            if coe_info is not None:
+                extra["x-coe-strategy"] = "route"
             if req.stream:
                 include_usage = bool((req.stream_options or {}).get("include_usage"))
-                response = await self._stream(kind, prep, attempts, extra, include_usage, principal, record)
+                response = await self._stream(kind, prep, attempts, extra, include_usage, principal, record,
+                                              coe_info=coe_info)
                 streaming = True  # the stream's body releases the admission slot when it ends
                 return response
             failed: list[str] = []
@@ -528,6 +630,9 @@ class CoeIngress:
                 payload = chat_response(rid, expert_name, out["text"], out["finish_reason"], usage)
             else:
                 payload = completion_response(rid, expert_name, out["text"], out["finish_reason"], usage)
+            if coe_info is not None:
+                payload["coe"] = coe_info
+                headers["x-coe-route-reason"] = f"sgd_fallback;{headers.get('x-coe-route-reason', '')}".rstrip(";")
             return JSONResponse(payload, headers=headers)
         except Exception as exc:  # noqa: BLE001 - every error leaves as an OpenAI error body
             err = as_coe_error(exc)
@@ -542,7 +647,10 @@ class CoeIngress:
     async def _stream(
         self, kind: str, prep: _Prepared, attempts: list[tuple[ExpertConfig, EnginePrompt, SamplingParams]],
         extra: dict[str, str], include_usage: bool, principal: Principal, record: dict[str, Any] | None,
+        coe_info: dict[str, Any] | None = None, usage_before: tuple[int, int] = (0, 0),
     ) -> Response:
+        """Stream one expert's answer as SSE. `coe_info`: the strategy's steps, sent in the finishing chunk's `coe`
+        field; `usage_before`: tokens of the strategy's earlier calls, added to the usage chunk."""
         failed: list[str] = []
         # Wait for the first delta before answering, so errors found before generation (context length, an
         # unavailable or hung expert) get their real status, or a retry on the next candidate, not a 200 stream.
@@ -589,12 +697,18 @@ class CoeIngress:
                 if item["text"]:
                     frames.append(frame(chat_chunk(rid, model, created, {"content": item["text"]})))
                 if finish:
-                    frames.append(frame(chat_chunk(rid, model, created, {}, finish)))
+                    last = chat_chunk(rid, model, created, {}, finish)
+                    if coe_info is not None:
+                        last["coe"] = coe_info
+                    frames.append(frame(last))
             else:
                 if item["text"] or finish:
-                    frames.append(frame(completion_response(rid, model, item["text"], finish, None, created)))
+                    obj = completion_response(rid, model, item["text"], finish, None, created)
+                    if finish and coe_info is not None:
+                        obj["coe"] = coe_info
+                    frames.append(frame(obj))
             if finish and include_usage:
-                usage = Usage.of(item["prompt_tokens"], item["completion_tokens"])
+                usage = Usage.of(item["prompt_tokens"] + usage_before[0], item["completion_tokens"] + usage_before[1])
                 empty: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
                                          "created": created, "model": model, "choices": [], "usage": usage.model_dump()}
                 frames.append(frame(empty))
@@ -656,6 +770,125 @@ class CoeIngress:
             media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
         )
+
+    def _strategy_of(self, req: ChatCompletionRequest | CompletionRequest) -> str:
+        """The request's strategy (its own, else the config's default); cascade and sgd are for coe-auto only."""
+        asked = req.coe.strategy if req.coe is not None else None
+        if req.model in self.experts:
+            if asked not in (None, "route"):
+                raise InvalidRequestError(f"strategy '{asked}' chooses experts itself: use model '{AUTO_MODEL}', "
+                                          f"not the expert '{req.model}'", param="coe.strategy")
+            return "route"
+        strategy = asked or self.config.strategies.default
+        if strategy != "route" and isinstance(self.router, DegradedRouter):
+            return "route"  # no router, no candidates: coe-auto goes to the fallback expert (the reason says so)
+        if strategy == "cascade" and self.calibration is None:
+            raise InvalidRequestError("the cascade strategy is not set up here: strategies.cascade.profile names no "
+                                      "calibration profile (see `coe profile signals`)", param="coe.strategy")
+        return strategy
+
+    def _get_sandbox(self) -> Any:
+        from coe.sandbox import Sandbox
+
+        if self._sandbox is None:
+            self._sandbox = Sandbox()
+        return self._sandbox
+
+    async def _run_strategy(self, kind: str, req: ChatCompletionRequest | CompletionRequest, principal: Principal,
+                            strategy: str, extra: dict[str, str]) -> tuple[Response, bool] | dict[str, Any]:
+        """Run cascade or sgd: (response, whether it is a stream that releases the admission slot itself), or,
+        when SGD's plan is refused, the `coe` info for the routed answer that replaces it."""
+        from coe.strategies.cascade import cascade_candidates, run_cascade
+        from coe.strategies.sgd import run_sgd
+
+        backend = _IngressBackend(self, principal)
+        t = self._threshold_of(req.model, req.coe)
+        query = req.query_text()
+        if isinstance(req, ChatCompletionRequest):
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in req.messages]
+        else:
+            messages = [{"role": "user", "content": query}]
+        cfg = self.config.strategies
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        stop = req.stops()
+        if strategy == "cascade":
+            assert self.calibration is not None
+            top = await backend.route(query, 0.0)
+            prices = {n: e.price_per_1k_tokens for n, e in self.experts.items()}
+            cands = cascade_candidates(top, prices, cfg.cascade, principal.may_use)
+            sandbox = self._get_sandbox if "code" in cfg.cascade.verifiers else None
+            result: StrategyResult = await run_cascade(
+                backend, cfg.cascade, self.calibration, cands, messages, query, t=t,
+                max_tokens=req.requested_max_tokens(), temperature=req.temperature, seed=req.seed, sandbox=sandbox,
+                stream_last=req.stream, stop=stop)
+            result.info.update({"candidates": cands, "routed": top.expert, "route_reason": top.reason})
+            stream_messages = messages
+        else:
+            planner = cfg.sgd.planner or self.router.fallback_expert or self.config.experts[0].name
+            composer = (cfg.sgd.composer or planner) if cfg.sgd.compose == "model" else None
+            domains_of = {n: e.domains for n, e in self.experts.items() if principal.may_use(n)}
+            result = await run_sgd(backend, cfg.sgd, planner=planner, composer=composer, query=query,
+                                   domains_of=domains_of, allowed=principal.may_use, t=t,
+                                   temperature=req.temperature, seed=req.seed, stream_composer=req.stream)
+            if "fallback" in result.info:
+                return {"strategy": "sgd", "fell_back_to": "route", "why": result.info["fallback"],
+                        "steps": result.steps}
+            stream_messages = result.stream_messages or []
+        info = {"strategy": strategy, "reason": result.reason, "steps": result.steps, **result.info,
+                "total_ms": round(backend.elapsed_ms(), 1)}
+        steps = ",".join(f"{s_.get('expert')}:{s_.get('decision', s_.get('role'))}".split(" ")[0]
+                         for s_ in result.steps)
+        headers = {**extra, "x-coe-strategy": strategy, "x-coe-route-reason": result.reason, "x-coe-steps": steps}
+        if result.stream_expert is not None:
+            e, prompt, params = backend.engine_call(
+                result.stream_expert, stream_messages, max_tokens=req.requested_max_tokens() if strategy == "cascade"
+                else None, temperature=req.temperature, seed=req.seed, stop=stop if strategy == "cascade" else None)
+            self.auth.check_expert(principal, e.name)
+            prep = _Prepared(expert=e, prompt=prompt, params=params, decision=None)
+            attempts = [(e, prompt, params)] * (1 + self.config.server.retries)
+            return await self._stream(kind, prep, attempts, headers, include_usage, principal, None,
+                                      coe_info=info, usage_before=result.usage()), True
+        final = result.final
+        assert final is not None
+        usage = Usage.of(*result.usage())
+        self.m_requests.inc(tags={"expert": final.expert, "routed": "true"})
+        headers["x-coe-expert"] = final.expert
+        rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        if req.stream:
+            return self._sse_text(kind, rid, final, usage, include_usage, info, headers), False
+        if kind == "chat":
+            payload = chat_response(rid, final.expert, final.text, final.finish_reason, usage)
+        else:
+            payload = completion_response(rid, final.expert, final.text, final.finish_reason, usage)
+        payload["coe"] = info
+        return JSONResponse(payload, headers=headers), False
+
+    @staticmethod
+    def _sse_text(kind: str, rid: str, final: Answer, usage: Usage, include_usage: bool, info: dict[str, Any],
+                  headers: dict[str, str]) -> Response:
+        """A finished answer as an SSE stream (the cascade's accepted answer, SGD's concatenation)."""
+        created = int(time.time())
+        frames: list[str] = []
+        if kind == "chat":
+            frames.append(json_frame(chat_chunk(rid, final.expert, created, {"role": "assistant", "content": ""})))
+            frames.append(json_frame(chat_chunk(rid, final.expert, created, {"content": final.text})))
+            frames.append(json_frame({**chat_chunk(rid, final.expert, created, {}, final.finish_reason), "coe": info}))
+        else:
+            frames.append(json_frame({**completion_response(rid, final.expert, final.text, final.finish_reason, None,
+                                                            created), "coe": info}))
+        if include_usage:
+            frames.append(json_frame({"id": rid, "object": "chat.completion.chunk" if kind == "chat"
+                                      else "text_completion", "created": created, "model": final.expert,
+                                      "choices": [], "usage": usage.model_dump()}))
+        frames.append("data: [DONE]\n\n")
+
+        async def body() -> AsyncIterator[str]:
+            for f in frames:
+                yield f
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
 
     async def _route_only(self, request: Request) -> Response:
         """The decision for a chat or completion request body, without generating."""

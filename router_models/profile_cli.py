@@ -37,6 +37,24 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     rep.add_argument("--router-out", help="keep the router trained on the train split here")
     rep.set_defaults(func=cmd_report)
 
+    sig = ps.add_parser("signals", help="log-probability signals of every profiled answer (the cascade's calibration)")
+    sig.add_argument("dir")
+    sig.add_argument("--config", required=True, help="the config the profile was made with (its experts' models)")
+    sig.add_argument("--threads", type=int, help="llama.cpp threads (default: each expert's own)")
+    sig.add_argument("--no-progress", action="store_true")
+    sig.set_defaults(func=cmd_signals)
+
+
+def cmd_signals(args: argparse.Namespace) -> int:
+    from coe.config import load_config
+    from router_models.profile_signals import compute_signals
+
+    t0 = time.time()
+    added = compute_signals(Path(args.dir), load_config(args.config), threads=args.threads,
+                            progress=not args.no_progress)
+    print(f"signals added: {added} in {time.time() - t0:.0f} s -> {Path(args.dir) / 'signals'}")
+    return 0
+
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from coe.admin_cli import client_key

@@ -18,6 +18,8 @@ class SamplingParams:
     top_p: float
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: bool = False  # report the mean and minimum log-probability of the generated tokens
+    json_schema: str | None = None  # constrain the output to this JSON schema (the engine's structured output)
 
 
 @dataclass(frozen=True)
@@ -40,11 +42,14 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason
+    logprob_mean: float | None = None  # of the generated tokens, natural log, at temperature 1 (when asked)
+    logprob_min: float | None = None
 
 
 @dataclass
 class StreamChunk:
-    """One streamed delta. The last chunk has finish_reason set and the final token counts."""
+    """One streamed delta. The last chunk has finish_reason set, the final token counts and, when asked, the
+    generated tokens' log-probabilities (`extra`: logprob_mean, logprob_min)."""
 
     text: str
     finish_reason: FinishReason | None = None
@@ -96,7 +101,32 @@ async def collect(chunks: AsyncIterator[StreamChunk]) -> GenerationResult:
         last = chunk
     if last.finish_reason is None:
         raise RuntimeError("engine stream ended without a final chunk")
-    return GenerationResult("".join(parts), last.prompt_tokens, last.completion_tokens, last.finish_reason)
+    return GenerationResult("".join(parts), last.prompt_tokens, last.completion_tokens, last.finish_reason,
+                            _opt_float(last.extra.get("logprob_mean")), _opt_float(last.extra.get("logprob_min")))
+
+
+def _opt_float(v: object) -> float | None:
+    return None if v is None else float(v)  # type: ignore[arg-type]
+
+
+class LogprobStats:
+    """Running mean and minimum of the generated tokens' log-probabilities."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+        self.low = 0.0
+
+    def add(self, lp: float) -> None:
+        self.total += lp
+        self.count += 1
+        self.low = min(self.low, lp)
+
+    def extra(self) -> dict[str, object]:
+        """The final chunk's `extra` (empty when no token was scored)."""
+        if not self.count:
+            return {}
+        return {"logprob_mean": self.total / self.count, "logprob_min": self.low}
 
 
 def check_context(prompt_tokens: int, max_tokens: int, context_length: int) -> None:

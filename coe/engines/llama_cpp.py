@@ -21,6 +21,7 @@ from coe.engines.base import (
     EnginePrompt,
     FinishReason,
     GenerationResult,
+    LogprobStats,
     SamplingParams,
     StreamChunk,
     check_context,
@@ -48,8 +49,11 @@ def _stop_holdback(pending: str, stops: tuple[str, ...]) -> int:
 class LlamaCppEngine:
     """llama.cpp engine for GGUF models (chat-template or completion-template prompts)."""
 
-    def __init__(self, expert: ExpertConfig) -> None:
+    def __init__(self, expert: ExpertConfig, *, logits_all: bool = False) -> None:
+        """`logits_all`: keep every position's logits (only for :meth:`score_continuation`; costs n_ctx x vocab
+        floats of memory)."""
         assert expert.llama_cpp is not None
+        self._logits_all = logits_all
         self._expert = expert
         self._opts = expert.llama_cpp
         self._llm: Any = None
@@ -88,6 +92,7 @@ class LlamaCppEngine:
                 n_batch=self._opts.n_batch,
                 seed=self._opts.seed,
                 draft_model=draft,
+                logits_all=self._logits_all,
                 verbose=False,
             )
         except (ValueError, OSError, RuntimeError) as err:
@@ -119,12 +124,57 @@ class LlamaCppEngine:
         assert prompt.text is not None
         return self._llm.tokenize(prompt.text.encode("utf-8"), add_bos=True, special=False)
 
+    def score_continuation(self, prompt: EnginePrompt, text: str) -> tuple[float, float, int]:
+        """(mean, minimum, count) of the log-probabilities (temperature 1) of `text`'s tokens after `prompt`, by
+        one forward pass (teacher forcing). Blocking; needs an engine made with logits_all=True."""
+        import numpy as np
+
+        if not self._logits_all:
+            raise RuntimeError("score_continuation needs LlamaCppEngine(..., logits_all=True)")
+        llm = self._llm
+        head = self.tokenize_prompt(prompt)
+        tail = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) if text else []
+        tokens = (head + tail)[: self.context_length]
+        tail = tokens[len(head):]
+        if not tail:
+            return 0.0, 0.0, 0
+        llm.reset()
+        llm.eval(tokens)
+        rows = np.asarray(llm.scores[len(head) - 1: len(tokens) - 1], dtype=np.float64)
+        top = rows.max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(rows - top).sum(axis=1))
+        lps = rows[np.arange(len(tail)), tail] - lse
+        return float(lps.mean()), float(lps.min()), len(tail)
+
+    def grammar(self, json_schema: str) -> Any:
+        """A llama.cpp grammar for a JSON schema (400 when the schema cannot be turned into one)."""
+        from llama_cpp import LlamaGrammar
+
+        try:
+            return LlamaGrammar.from_json_schema(json_schema, verbose=False)
+        except Exception as err:  # noqa: BLE001 - the converter raises plain exceptions on bad schemas
+            from coe.errors import InvalidRequestError
+
+            raise InvalidRequestError(f"the JSON schema cannot be used as a grammar: {err}") from err
+
+    def _token_logprob(self, tok: int) -> float:
+        """Log-probability (temperature 1) of `tok` under the logits it was sampled from: generate() yields a token
+        before evaluating it, so the context's last logits row is the one it came from."""
+        import numpy as np
+
+        llm = self._llm
+        n_vocab = llm.n_vocab()
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+        top = float(logits.max())
+        return float(logits[tok]) - top - float(np.log(np.exp(logits - top).sum()))
+
     def _run(
         self,
         tokens: list[int],
         params: SamplingParams,
         emit: Callable[[str], None],
         cancelled: threading.Event,
+        stats: LogprobStats | None = None,
     ) -> tuple[int, FinishReason]:
         """The token loop (in the engine thread). Returns (completion tokens, finish reason)."""
         import llama_cpp
@@ -138,14 +188,18 @@ class LlamaCppEngine:
         pending = ""
         n = 0
         finish: FinishReason = "length"
+        grammar = self.grammar(params.json_schema) if params.json_schema else None
         for tok in llm.generate(
-            tokens, top_k=0, top_p=params.top_p, min_p=0.0, temp=params.temperature, repeat_penalty=1.0
+            tokens, top_k=0, top_p=params.top_p, min_p=0.0, temp=params.temperature, repeat_penalty=1.0,
+            grammar=grammar,
         ):
             if cancelled.is_set():
                 break
             if llama_cpp.llama_vocab_is_eog(vocab, tok):
                 finish = "stop"
                 break
+            if stats is not None:
+                stats.add(self._token_logprob(tok))
             n += 1
             self._progress_at = time.monotonic()
             pending += decoder.decode(llm.detokenize([tok]))
@@ -177,6 +231,11 @@ class LlamaCppEngine:
         # not fit the context fails at once instead of waiting behind the queue.
         tokens = await loop.run_in_executor(None, self.tokenize_prompt, prompt)
         check_context(len(tokens), params.max_tokens, self.context_length)
+        if params.json_schema:
+            self.grammar(params.json_schema)  # a bad schema is a 400 now, not a failure inside the token loop
+        # Prompt-lookup decoding evaluates several draft tokens at once, so the last logits row is not the one a
+        # token was sampled from: no log-probabilities then (the final chunk carries none).
+        stats = LogprobStats() if params.logprobs and not self._opts.prompt_lookup_tokens else None
         async with self._lock:
 
             def work() -> tuple[int, FinishReason]:
@@ -184,7 +243,7 @@ class LlamaCppEngine:
                 try:
                     if self._opts.debug_stall_s:  # testing only: hangs as a stuck replica would (deaf to cancel)
                         time.sleep(self._opts.debug_stall_s)
-                    return self._run(tokens, params, emit, cancelled)
+                    return self._run(tokens, params, emit, cancelled, stats)
                 finally:
                     self._progress_at = None
                     loop.call_soon_threadsafe(queue.put_nowait, _DONE)
@@ -203,7 +262,8 @@ class LlamaCppEngine:
                 except Exception as err:  # llama.cpp decode failures surface here
                     logger.exception("generation failed in expert %s", self._expert.name)
                     raise GenerationError(f"generation failed: {type(err).__name__}") from err
-                yield StreamChunk(text="", finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=n)
+                yield StreamChunk(text="", finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=n,
+                                  extra=stats.extra() if stats is not None else {})
             finally:
                 # Client gone or error: stop the token loop and keep the lock until the thread is
                 # done, so the next request never touches a model that is still generating.

@@ -13,7 +13,15 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from coe.config import ExpertConfig
-from coe.engines.base import EnginePrompt, GenerationResult, SamplingParams, StreamChunk, check_context, collect
+from coe.engines.base import (
+    EnginePrompt,
+    GenerationResult,
+    LogprobStats,
+    SamplingParams,
+    StreamChunk,
+    check_context,
+    collect,
+)
 from coe.errors import GenerationError, ModelLoadError
 from coe.models import resolve_local_model
 
@@ -137,12 +145,20 @@ class VLLMEngine:
 
         ids = self._prompt_ids(prompt)
         check_context(len(ids), params.max_tokens, self.context_length)
+        extra: dict[str, Any] = {}
+        if params.logprobs:
+            extra["logprobs"] = 0  # the sampled token's own log-probability, nothing more
+        if params.json_schema:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            extra["structured_outputs"] = StructuredOutputsParams(json=params.json_schema)
         sp = VllmSamplingParams(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
             stop=list(params.stop) or None,
             seed=params.seed,
+            **extra,
         )
         request_id = uuid.uuid4().hex
         sent = 0
@@ -157,7 +173,8 @@ class VLLMEngine:
                     finished = True
                     reason = "length" if o.finish_reason == "length" else "stop"
                     yield StreamChunk(
-                        text="", finish_reason=reason, prompt_tokens=len(ids), completion_tokens=len(o.token_ids)
+                        text="", finish_reason=reason, prompt_tokens=len(ids), completion_tokens=len(o.token_ids),
+                        extra=sampled_logprobs(o.token_ids, o.logprobs) if params.logprobs else {},
                     )
         except GeneratorExit:
             raise
@@ -184,3 +201,13 @@ class VLLMEngine:
         if self._engine is not None and hasattr(self._engine, "shutdown"):
             self._engine.shutdown()
         self._engine = None
+
+
+def sampled_logprobs(token_ids: Any, logprobs: Any) -> dict[str, object]:
+    """The final chunk's logprob_mean / logprob_min from vLLM's per-token logprob dicts (token id -> Logprob)."""
+    stats = LogprobStats()
+    for tok, row in zip(list(token_ids), list(logprobs or [])):
+        entry = row.get(tok) if row else None
+        if entry is not None:
+            stats.add(float(getattr(entry, "logprob", entry)))
+    return stats.extra()

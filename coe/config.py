@@ -469,6 +469,10 @@ class SGDConfig(StrictModel):
     parallel where independent, and a composer writes the final answer."""
 
     planner: str | None = Field(None, description="The expert that writes the plan (default: the router's fallback).")
+    planner_mode: Literal["auto", "model", "parts"] = Field(
+        "auto", description="model: the planner expert writes every plan; parts: a request that enumerates its "
+        "parts ((a) (b) ..., 1. 2. ...) is split at them (a part that names an earlier one, \"the answer to (a)\", "
+        "depends on it), others are routed whole; auto: parts when the request enumerates 2 or more, else model.")
     composer: str | None = Field(None, description="The expert that composes the final answer from the nodes' "
                                  "answers (default: the planner). null with compose: concat joins them instead.")
     compose: Literal["model", "concat"] = Field("model", description="model: the composer writes the answer; "

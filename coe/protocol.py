@@ -142,6 +142,8 @@ class CoeOptions(BaseModel):
     strategy: Literal["route", "cascade", "sgd"] | None = Field(
         None, description="route: one expert; cascade: cheapest acceptable first, escalating; sgd: Skeleton Graph "
         "Decoding across experts. Default: the config's strategies.default. coe-auto only.")
+    sgd_planner: Literal["auto", "model", "parts"] | None = Field(
+        None, description="sgd only: overrides strategies.sgd.planner_mode for this request.")
 
 
 class ContentPart(BaseModel):

@@ -782,6 +782,8 @@ class CoeIngress:
         strategy = asked or self.config.strategies.default
         if strategy != "route" and isinstance(self.router, DegradedRouter):
             return "route"  # no router, no candidates: coe-auto goes to the fallback expert (the reason says so)
+        if req.coe is not None and req.coe.sgd_planner is not None and strategy != "sgd":
+            raise InvalidRequestError("coe.sgd_planner applies to strategy sgd only", param="coe.sgd_planner")
         if strategy == "cascade" and self.calibration is None:
             raise InvalidRequestError("the cascade strategy is not set up here: strategies.cascade.profile names no "
                                       "calibration profile (see `coe profile signals`)", param="coe.strategy")
@@ -828,9 +830,11 @@ class CoeIngress:
             planner = cfg.sgd.planner or self.router.fallback_expert or self.config.experts[0].name
             composer = (cfg.sgd.composer or planner) if cfg.sgd.compose == "model" else None
             domains_of = {n: e.domains for n, e in self.experts.items() if principal.may_use(n)}
+            mode = (req.coe.sgd_planner if req.coe is not None else None) or cfg.sgd.planner_mode
             result = await run_sgd(backend, cfg.sgd, planner=planner, composer=composer, query=query,
                                    domains_of=domains_of, allowed=principal.may_use, t=t,
-                                   temperature=req.temperature, seed=req.seed, stream_composer=req.stream)
+                                   temperature=req.temperature, seed=req.seed, stream_composer=req.stream,
+                                   planner_mode=mode)
             if "fallback" in result.info:
                 return {"strategy": "sgd", "fell_back_to": "route", "why": result.info["fallback"],
                         "steps": result.steps}

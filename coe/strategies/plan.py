@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from typing import Any
@@ -29,6 +30,7 @@ class Plan:
 
     nodes: list[PlanNode]
     order: list[int] = field(default_factory=list)
+    merged: int = 0  # repeated sub-questions merged into one node
 
     def node(self, node_id: int) -> PlanNode:
         return next(n for n in self.nodes if n.id == node_id)
@@ -137,5 +139,59 @@ def parse_plan(text: str | dict[str, Any], domains: list[str], max_nodes: int) -
     except CycleError as err:
         cycle = " -> ".join(str(x) for x in err.args[1])
         raise PlanError(f"the plan has a cycle ({cycle})") from None
-    nodes = [PlanNode(nid, *fields[nid], depends_on=tuple(parents[nid])) for nid in fields]
-    return Plan(nodes=nodes, order=order)
+    # The same sub-question twice (small planners repeat nodes) is asked once: later copies merge into the first,
+    # and whatever depended on a copy depends on the node it merged into.
+    first: dict[str, int] = {}
+    alias: dict[int, int] = {}
+    for nid in order:
+        alias[nid] = first.setdefault(" ".join(fields[nid][0].lower().split()), nid)
+    merged = sum(1 for nid in fields if alias[nid] != nid)
+    deps: dict[int, set[int]] = {nid: set() for nid in fields if alias[nid] == nid}
+    for nid, ps in parents.items():
+        for p in ps:
+            if alias[p] != alias[nid]:
+                deps[alias[nid]].add(alias[p])
+    nodes = [PlanNode(nid, *fields[nid], depends_on=tuple(sorted(deps[nid]))) for nid in deps]
+    try:
+        order = list(TopologicalSorter({n.id: list(n.depends_on) for n in nodes}).static_order())
+    except CycleError:
+        raise PlanError("the plan's repeated questions depend on each other") from None
+    return Plan(nodes=nodes, order=order, merged=merged)
+
+
+_ENUM = re.compile(r"(?:^|(?<=\s))(?:\(([a-h])\)|([a-h])\)|\(([1-9])\)|([1-9])[.)])\s+", re.MULTILINE)
+
+
+def split_enumerated(query: str, max_nodes: int) -> list[tuple[str, str]] | None:
+    """[(label, text)] when the request enumerates its parts in order: (a) (b) ..., a) b) ..., (1) (2) ... or 1. 2.
+    ...; None unless there are 2 to max_nodes of them. Text before the first label is left out (instructions)."""
+    marks = []
+    for m in _ENUM.finditer(query):
+        label = next(g for g in m.groups() if g)
+        marks.append((label, m.start(), m.end()))
+    for labels in ("abcdefgh", "123456789"):
+        seq, want = [], 0
+        for label, start, end in marks:
+            if want < len(labels) and label == labels[want]:
+                seq.append((label, start, end))
+                want += 1
+        if len(seq) >= 2:
+            break
+    else:
+        return None
+    if len(seq) > max_nodes:
+        return None
+    out = []
+    for i, (label, _, end) in enumerate(seq):
+        stop = seq[i + 1][1] if i + 1 < len(seq) else len(query)
+        text = query[end:stop].strip()
+        if not text:
+            return None
+        out.append((label, text))
+    return out
+
+
+def mentions(text: str, label: str) -> bool:
+    """Whether a part refers to an earlier part by its label: "(a)", "part a", "answer to a"."""
+    lab = re.escape(label)
+    return bool(re.search(rf"\({lab}\)|\bpart {lab}\b|\banswer (?:to|of|from) {lab}\b", text, re.IGNORECASE))

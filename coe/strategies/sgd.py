@@ -14,7 +14,7 @@ from typing import Any
 
 from coe.config import SGDConfig
 from coe.strategies import Answer, Backend, StrategyResult
-from coe.strategies.plan import Plan, PlanError, parse_plan, plan_schema
+from coe.strategies.plan import Plan, PlanError, PlanNode, mentions, parse_plan, plan_schema, split_enumerated
 
 PLANNER_PROMPT = """You split a user's request into independent sub-questions so that specialists can answer them.
 Return JSON only: {{"nodes": [...], "edges": [...]}}.
@@ -81,25 +81,53 @@ async def make_plan(backend: Backend, cfg: SGDConfig, planner: str, query: str, 
     return plan, ans, ""
 
 
+async def parts_plan(backend: Backend, query: str, max_nodes: int, t: float, domains_of: dict[str, list[str]]
+                     ) -> Plan | None:
+    """The plan of a request that enumerates its parts: one node per part, in order; a part that names an earlier
+    one depends on it; each node's domain is that of the expert the router picks for it (difficulty 3)."""
+    parts = split_enumerated(query, max_nodes)
+    if parts is None:
+        return None
+    decisions = await asyncio.gather(*(backend.route(text, t) for _, text in parts))
+    nodes = []
+    for i, ((label, text), d) in enumerate(zip(parts, decisions), start=1):
+        deps = tuple(j for j, (lab, _) in enumerate(parts[: i - 1], start=1) if mentions(text, lab))
+        nodes.append(PlanNode(i, text, (domains_of.get(d.expert) or ["general"])[0], 3, deps))
+    return Plan(nodes=nodes, order=[n.id for n in nodes])
+
+
 async def run_sgd(backend: Backend, cfg: SGDConfig, *, planner: str, composer: str | None, query: str,
                   domains_of: dict[str, list[str]], allowed: Any, t: float,
                   temperature: float | None, seed: int | None, stream_composer: bool = False,
-                  plan: Plan | None = None) -> StrategyResult:
+                  plan: Plan | None = None, planner_mode: str | None = None) -> StrategyResult:
     """Plan (unless `plan` is given), answer the nodes level by level as their parents finish, then compose. A
     refused plan returns a result with final=None and info["fallback"] = why: the caller routes the request."""
     result = StrategyResult("sgd", final=None)
     domains = sorted({d for ds in domains_of.values() for d in ds})
+    mode = planner_mode or cfg.planner_mode
+    if plan is None and mode in ("auto", "parts"):
+        start = backend.elapsed_ms()
+        plan = await parts_plan(backend, query, cfg.max_nodes, t, domains_of)
+        if plan is not None:
+            result.steps.append({"role": "planner", "expert": None, "how": "parts", "valid": True,
+                                 "start_ms": round(start, 1), "ms": round(backend.elapsed_ms() - start, 1)})
+        elif mode == "parts":
+            result.info["fallback"] = "the request does not enumerate 2 or more parts"
+            result.steps.append({"role": "planner", "expert": None, "how": "parts", "valid": False,
+                                 "why": result.info["fallback"]})
+            return result
     if plan is None:
         plan, planned, why = await make_plan(backend, cfg, planner, query, domains)
         result.answers.append(planned)
-        result.steps.append({"role": "planner", "expert": planner, "start_ms": round(planned.start_ms, 1),
-                             "ms": round(planned.ms, 1), "tokens": planned.prompt_tokens + planned.completion_tokens,
+        result.steps.append({"role": "planner", "expert": planner, "how": "model",
+                             "start_ms": round(planned.start_ms, 1), "ms": round(planned.ms, 1),
+                             "tokens": planned.prompt_tokens + planned.completion_tokens,
                              "valid": plan is not None, **({"why": why} if why else {})})
         if plan is None:
             result.info["fallback"] = why
             result.info["planner_output"] = planned.text[:2000]
             return result
-    result.info["plan"] = plan.to_dict()
+    result.info["plan"] = {**plan.to_dict(), "merged_repeats": plan.merged}
     by_domain = domain_experts(domains_of)
     answers: dict[int, str] = {}
     done: dict[int, asyncio.Event] = {n.id: asyncio.Event() for n in plan.nodes}

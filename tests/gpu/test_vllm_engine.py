@@ -96,6 +96,32 @@ async def test_concurrent_requests(engine: VLLMEngine) -> None:
     assert len({r.text for r in results}) == 1
 
 
+async def test_logprobs_of_the_generated_tokens(engine: VLLMEngine) -> None:
+    prompt = EnginePrompt(messages=({"role": "user", "content": "What is 2 + 2? Answer with a number."},))
+    res = await engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, top_p=1.0, logprobs=True))
+    assert res.logprob_mean is not None and res.logprob_min is not None
+    assert res.logprob_min <= res.logprob_mean <= 0.0
+    plain = await engine.generate(prompt, SamplingParams(max_tokens=8, temperature=0.0, top_p=1.0))
+    assert plain.logprob_mean is None and plain.text == res.text
+
+
+async def test_json_schema_constrains_the_output(engine: VLLMEngine) -> None:
+    import json
+
+    from coe.strategies.plan import parse_plan, plan_schema
+
+    domains = ["general", "math", "translation"]
+    prompt = EnginePrompt(messages=({"role": "user", "content": "Split into parts: (a) 2+2 (b) say hi in French"},))
+    res = await engine.generate(prompt, SamplingParams(max_tokens=256, temperature=0.0, top_p=1.0,
+                                                       json_schema=json.dumps(plan_schema(domains, 4))))
+    data = json.loads(res.text)
+    assert 1 <= len(data["nodes"]) <= 4 and all(n["domain"] in domains for n in data["nodes"])
+    try:
+        parse_plan(data, domains, 4)
+    except ValueError as err:  # a schema-valid plan may still be refused (a cycle): never a parse error
+        assert "JSON" not in str(err)
+
+
 @pytest.fixture(scope="module")
 def service() -> Iterator[str]:
     """The real service with one vLLM expert (0.4 of the GPU's memory, next to the engine fixture's 0.4)."""

@@ -252,7 +252,8 @@ def test_sgd_runs_independent_nodes_at_once_and_passes_parent_answers() -> None:
         return RoutingDecision(expert=to, scores={}, confidence=0.9, reason="best")
 
     be.route = route  # type: ignore[method-assign]
-    res = asyncio.run(run_sgd(be, SGDConfig(), planner="general", composer="general", query="(a) 6*7 (b) ...",
+    res = asyncio.run(run_sgd(be, SGDConfig(planner_mode="model"), planner="general", composer="general",
+                              query="(a) 6*7 (b) ...",
                               domains_of=DOMAINS_OF, allowed=lambda e: True, t=0.0, temperature=None, seed=None))
     nodes = {s["node"]: s for s in res.steps if s.get("role") == "node"}
     assert nodes[2]["expert"] == "translation" and nodes[1]["expert"] == "general"
@@ -289,3 +290,45 @@ def test_sgd_concat_keeps_each_part() -> None:
     res = asyncio.run(run_sgd(be, SGDConfig(compose="concat"), planner="general", composer=None, query="q",
                               domains_of=DOMAINS_OF, allowed=lambda e: True, t=0.0, temperature=None, seed=None))
     assert res.final is not None and "merci" in res.final.text and "(3) Is that number even?" in res.final.text
+
+
+def test_repeated_plan_nodes_merge() -> None:
+    plan = parse_plan({"nodes": [{"id": 1, "question": "What is 6*7?", "domain": "math", "difficulty": 1},
+                                 {"id": 2, "question": "what is  6*7?", "domain": "general", "difficulty": 1},
+                                 {"id": 3, "question": "Double it.", "domain": "math", "difficulty": 1}],
+                       "edges": [{"from": 2, "to": 3}]}, DOMAINS, 6)
+    assert [n.id for n in plan.nodes] == [1, 3] and plan.node(3).depends_on == (1,) and plan.merged == 1
+
+
+def test_enumerated_parts_plan_without_a_model_call() -> None:
+    from coe.strategies.plan import split_enumerated
+
+    q = "Answer each part.\n(a) What is 6*7? (b) Translate to French: thank you (c) Multiply your answer to (a) by 2."
+    assert [lab for lab, _ in split_enumerated(q, 6) or []] == ["a", "b", "c"]
+    assert split_enumerated("What is 3.5 plus 2? It costs $1. 5 more", 6) is None
+    assert split_enumerated("(a) x (b) y (c) z", 2) is None  # more parts than max_nodes
+
+    async def route(text: str, threshold: float) -> RoutingDecision:
+        return RoutingDecision(expert="translation" if "French" in text else "general", scores={}, confidence=0.9,
+                               reason="best")
+
+    def general(messages: list[dict[str, str]], kw: dict[str, Any]) -> str:
+        assert not kw.get("json_schema"), "the parts planner asks no model"
+        content = messages[-1]["content"]
+        return "composed" if messages[0]["role"] == "system" else ("84" if "Multiply" in content else "42")
+
+    be = ScriptedBackend({"general": general, "translation": "merci"})
+    be.route = route  # type: ignore[method-assign]
+    res = asyncio.run(run_sgd(be, SGDConfig(), planner="general", composer="general", query=q,
+                              domains_of=DOMAINS_OF, allowed=lambda e: True, t=0.0, temperature=None, seed=None))
+    assert res.steps[0] == {**res.steps[0], "role": "planner", "how": "parts", "valid": True}
+    nodes = [s for s in res.steps if s.get("role") == "node"]
+    assert [n["expert"] for n in nodes] == ["general", "translation", "general"]
+    assert nodes[2]["depends_on"] == [1] and res.info["plan"]["edges"] == [{"from": 1, "to": 3}]
+    dep = next(c for c in be.calls if "Multiply" in c["messages"][-1]["content"])
+    assert "42" in dep["messages"][-1]["content"]
+    # parts mode refuses a request without enumerated parts (the caller routes it)
+    res = asyncio.run(run_sgd(be, SGDConfig(planner_mode="parts"), planner="general", composer="general",
+                              query="hello there", domains_of=DOMAINS_OF, allowed=lambda e: True, t=0.0,
+                              temperature=None, seed=None))
+    assert res.final is None and "enumerate" in res.info["fallback"]

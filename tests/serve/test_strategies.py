@@ -1,0 +1,103 @@
+"""Cascade and Skeleton Graph Decoding through the HTTP API and the openai client, on real Ray Serve and the real
+CPU experts (cpu-default: the cascade is calibrated on the committed profile's train split)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.serve import api
+
+pytestmark = pytest.mark.serve
+
+EXPERTS = {"general", "code", "translation"}
+CODE = ("Complete this Python function. Reply with the whole function in one ```python code block.\n\n```python\n"
+        "def double(x):\n    '''Return twice x.\n    >>> double(2)\n    4\n    >>> double(-3)\n    -6\n    '''\n```")
+COMPOSITE = "(a) What is 15 + 27? (b) Translate to French: good night."
+
+
+def _sse(lines: list[str]) -> list[dict[str, Any]]:
+    data = [ln[6:] for ln in lines if ln.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_cascade_through_the_openai_client(client) -> None:  # noqa: ANN001
+    raw = client.chat.completions.with_raw_response.create(
+        model="coe-auto", messages=[{"role": "user", "content": CODE}], max_tokens=96, temperature=0,
+        extra_body={"coe": {"strategy": "cascade"}})
+    resp = raw.parse()
+    info = raw.http_response.json()["coe"]
+    assert raw.headers["x-coe-strategy"] == "cascade"
+    steps = info["steps"]
+    assert 1 <= len(steps) <= 3 and {s["expert"] for s in steps} <= EXPERTS
+    assert [s["expert"] for s in steps] == info["candidates"][: len(steps)]
+    assert resp.model == raw.headers["x-coe-expert"] == steps[-1]["expert"]
+    for s in steps[:-1]:  # every step but the answering one escalated, and says why
+        assert s["decision"] == "escalated" and s["why"]
+    assert steps[-1]["decision"].startswith("accepted")
+    if len(steps) > 1 or "verif" in steps[0].get("why", ""):
+        assert any("verifier" in s for s in steps)  # the prompt's doctests were run against the answer
+    assert resp.choices[0].message.content.strip()
+    assert resp.usage.total_tokens >= sum(s["tokens"] for s in steps if "tokens" in s)
+
+
+def test_cascade_streams_only_the_accepted_answer(coe_url: str) -> None:
+    body = {"model": "coe-auto", "messages": [{"role": "user", "content": CODE}], "max_tokens": 96,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+            "coe": {"strategy": "cascade"}}
+    with api.stream("POST", f"{coe_url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["x-coe-strategy"] == "cascade"
+        chunks = _sse(list(r.iter_lines()))
+    finishing = [c for c in chunks if c.get("choices") and c["choices"][0]["finish_reason"]]
+    assert len(finishing) == 1 and finishing[0]["coe"]["strategy"] == "cascade"
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+    assert text.strip()
+    assert {c["model"] for c in chunks} == {finishing[0]["coe"]["steps"][-1]["expert"]}
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_sgd_answers_a_composite_request(coe_url: str, stream: bool) -> None:
+    body = {"model": "coe-auto", "messages": [{"role": "user", "content": COMPOSITE}], "max_tokens": 96,
+            "temperature": 0, "coe": {"strategy": "sgd"}, "stream": stream}
+    if stream:
+        with api.stream("POST", f"{coe_url}/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            headers = r.headers
+            chunks = _sse(list(r.iter_lines()))
+        info = next(c["coe"] for c in chunks if "coe" in c)
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+    else:
+        r = api.post(f"{coe_url}/v1/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        headers, info = r.headers, r.json()["coe"]
+        text = r.json()["choices"][0]["message"]["content"]
+    assert text.strip()
+    planner = info["steps"][0]
+    assert planner["role"] == "planner" and planner["expert"] == "general"
+    if info.get("fell_back_to") == "route":  # the planner's plan was refused: routed, with the reason
+        assert headers["x-coe-strategy"] == "route" and info["why"] and planner["valid"] is False
+        return
+    assert headers["x-coe-strategy"] == "sgd" and planner["valid"] is True
+    nodes = [s for s in info["steps"] if s["role"] == "node"]
+    assert len(nodes) == len(info["plan"]["nodes"]) >= 2
+    assert {n["expert"] for n in nodes} <= EXPERTS
+    assert info["steps"][-1]["role"] == "composer"
+    for edge in info["plan"]["edges"]:  # a node starts after the node it depends on
+        a = next(n for n in nodes if n["node"] == edge["from"])
+        b = next(n for n in nodes if n["node"] == edge["to"])
+        assert b["start_ms"] >= a["start_ms"] + a["ms"] - 1
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "general", "coe": {"strategy": "cascade"}}, "coe.strategy"),
+    ({"model": "coe-auto", "coe": {"strategy": "beam"}}, "coe.strategy"),
+])
+def test_bad_strategy_requests_are_400(coe_url: str, body: dict[str, Any], param: str) -> None:
+    r = api.post(f"{coe_url}/v1/chat/completions",
+                 json={**body, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

@@ -12,7 +12,7 @@ from coe.sandbox import Sandbox
 from coe.scoring import _NUMBER
 from coe.strategies import Answer, Backend, StrategyResult
 from coe.strategies.calibration import CascadeCalibration
-from coe.strategies.verify import Verdict, math_applies, verify_code, verify_math
+from coe.strategies.verify import Verdict, code_examples, math_applies, verify_code, verify_math
 
 
 def cascade_candidates(decision: RoutingDecision, prices: dict[str, float], cfg: CascadeConfig,
@@ -61,7 +61,10 @@ async def run_cascade(backend: Backend, cfg: CascadeConfig, calib: CascadeCalibr
     result = StrategyResult("cascade", final=None)
     target = max(0.0, cfg.target_accuracy - t)
     spent = 0.0
-    numeric = "math" in cfg.verifiers and len(_NUMBER.findall(query)) >= 2
+    # The code verifier applies when the prompt gives runnable examples; otherwise a numeric question (two numbers
+    # or more) gets the math verifier's second sample, asked beside the first.
+    has_examples = "code" in cfg.verifiers and sandbox is not None and bool(code_examples(query)[2])
+    numeric = "math" in cfg.verifiers and not has_examples and len(_NUMBER.findall(query)) >= 2
     for i, name in enumerate(candidates):
         last = i == len(candidates) - 1
         over = _over_budget(cfg, backend.elapsed_ms(), spent) if result.answers else None
@@ -98,7 +101,8 @@ async def run_cascade(backend: Backend, cfg: CascadeConfig, calib: CascadeCalibr
             result.reason = "last_candidate"
             break
         verdict = None
-        if "code" in cfg.verifiers and sandbox is not None:
+        if has_examples:
+            assert sandbox is not None
             verdict = await asyncio.get_running_loop().run_in_executor(None, verify_code, sandbox(), query, first.text)
         if verdict is None and second is not None and math_applies(query, first.text):
             verdict = verify_math(first.text, second.text)

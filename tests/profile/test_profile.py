@@ -91,6 +91,19 @@ def test_profile_is_resumable_and_asks_nothing_twice(tmp_path: Path) -> None:
     train = json.loads((out / "matrix" / "train" / "mini.json").read_text())
     assert {"question", "scores"} == set(train[0]) and len(train) == sum(r["split"] == "train" for r in rows)
 
+    # The cascade's calibration signals: one teacher-forced pass per answer, resumable.
+    sig = subprocess.run([sys.executable, "-m", "coe.cli", "profile", "signals", str(out), "--config", str(cfg),
+                          "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert sig.returncode == 0, sig.stdout + sig.stderr
+    assert "{'general': 12, 'translation': 12}" in sig.stdout, sig.stdout
+    for expert in ("general", "translation"):
+        rows_ = read_jsonl(out / "signals" / f"{expert}.jsonl")
+        assert {r["key"] for r in rows_} == {a["key"] for a in answers[expert].values()}
+        assert all(r["logprob_min"] <= r["logprob_mean"] <= 0.0 and r["tokens"] >= 1 for r in rows_)
+    again = subprocess.run([sys.executable, "-m", "coe.cli", "profile", "signals", str(out), "--config", str(cfg),
+                            "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "{'general': 0, 'translation': 0}" in again.stdout, again.stdout
+
 
 def test_split_is_recorded_once_and_model_changes_invalidate_the_cache(tmp_path: Path) -> None:
     cfg, suite, out = _config(tmp_path), _suite(tmp_path, 3), tmp_path / "prof"

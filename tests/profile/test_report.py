@@ -34,6 +34,22 @@ def test_the_committed_profile_covers_every_suite_and_expert() -> None:
     assert matrix == rows, "matrix.jsonl is what the answers say"
 
 
+def test_the_committed_profile_calibrates_the_cascade() -> None:
+    from coe.strategies.calibration import CascadeCalibration
+    from router_models.profile_signals import load_signals
+
+    meta, _, answers = load_profile(PROFILE)  # type: ignore[arg-type]
+    for expert in meta["experts"]:
+        have = load_signals(PROFILE, expert)  # type: ignore[arg-type]
+        assert {a["key"] for a in answers[expert].values() if not a.get("error")} <= set(have), expert
+    cal = CascadeCalibration.from_profile(PROFILE)  # type: ignore[arg-type]
+    assert set(cal.experts) == set(meta["experts"])
+    for c in cal.experts.values():  # a higher target never lowers the threshold
+        thr = [c.threshold(x) for x in (0.1, 0.3, 0.5)]
+        known = [x for x in thr if x is not None]
+        assert known == sorted(known)
+
+
 def test_report_numbers_match_the_score_matrix(report: dict) -> None:
     rows = matrix_rows(PROFILE)  # type: ignore[arg-type]
     for suite, info in report["suites"].items():

@@ -48,7 +48,7 @@ def test_cascade_streams_only_the_accepted_answer(coe_url: str) -> None:
     body = {"model": "coe-auto", "messages": [{"role": "user", "content": CODE}], "max_tokens": 96,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             "coe": {"strategy": "cascade"}}
-    with api.stream("POST", f"{coe_url}/v1/chat/completions", json=body) as r:
+    with api.stream("POST", f"{coe_url}/v1/chat/completions", json=body, timeout=300) as r:
         assert r.status_code == 200 and r.headers["x-coe-strategy"] == "cascade"
         chunks = _sse(list(r.iter_lines()))
     finishing = [c for c in chunks if c.get("choices") and c["choices"][0]["finish_reason"]]
@@ -60,41 +60,71 @@ def test_cascade_streams_only_the_accepted_answer(coe_url: str) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_sgd_answers_a_composite_request(coe_url: str, stream: bool) -> None:
+def test_sgd_answers_a_composite_request_node_by_node(coe_url: str, stream: bool) -> None:
     body = {"model": "coe-auto", "messages": [{"role": "user", "content": COMPOSITE}], "max_tokens": 96,
             "temperature": 0, "coe": {"strategy": "sgd"}, "stream": stream}
-    if stream:
-        with api.stream("POST", f"{coe_url}/v1/chat/completions", json=body) as r:
-            assert r.status_code == 200
-            headers = r.headers
-            chunks = _sse(list(r.iter_lines()))
-        info = next(c["coe"] for c in chunks if "coe" in c)
-        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
-    else:
-        r = api.post(f"{coe_url}/v1/chat/completions", json=body, timeout=300)
-        assert r.status_code == 200, r.text
-        headers, info = r.headers, r.json()["coe"]
-        text = r.json()["choices"][0]["message"]["content"]
+    headers, info, text = _post(coe_url, body, stream)
+    assert text.strip()
+    assert headers["x-coe-strategy"] == "sgd"
+    planner = info["steps"][0]
+    assert planner["role"] == "planner" and planner["how"] == "parts" and planner["valid"] is True
+    nodes = [s for s in info["steps"] if s["role"] == "node"]
+    assert [n["question"] for n in nodes] == ["What is 15 + 27?", "Translate to French: good night."]
+    assert nodes[1]["expert"] == "translation"  # each part went to its own expert
+    assert {n["expert"] for n in nodes} <= EXPERTS
+    a, b = nodes
+    assert b["start_ms"] < a["start_ms"] + a["ms"]  # independent parts decoded at the same time
+    assert info["steps"][-1]["role"] == "composer" and info["steps"][-1]["expert"] == "general"
+    assert headers["x-coe-expert"] == "general"
+
+
+def test_sgd_with_the_model_planner(coe_url: str) -> None:
+    body = {"model": "coe-auto", "messages": [{"role": "user", "content": "What is 15 + 27, and how do you say "
+                                               "good night in French?"}], "max_tokens": 64, "temperature": 0,
+            "coe": {"strategy": "sgd", "sgd_planner": "model"}}
+    headers, info, text = _post(coe_url, body, False)
     assert text.strip()
     planner = info["steps"][0]
-    assert planner["role"] == "planner" and planner["expert"] == "general"
-    if info.get("fell_back_to") == "route":  # the planner's plan was refused: routed, with the reason
+    assert planner["role"] == "planner" and planner["how"] == "model" and planner["expert"] == "general"
+    assert planner["tokens"] > 0
+    if info.get("fell_back_to") == "route":  # the plan was refused: routed instead, and the response says why
         assert headers["x-coe-strategy"] == "route" and info["why"] and planner["valid"] is False
         return
     assert headers["x-coe-strategy"] == "sgd" and planner["valid"] is True
     nodes = [s for s in info["steps"] if s["role"] == "node"]
-    assert len(nodes) == len(info["plan"]["nodes"]) >= 2
-    assert {n["expert"] for n in nodes} <= EXPERTS
-    assert info["steps"][-1]["role"] == "composer"
+    assert len(nodes) == len(info["plan"]["nodes"]) >= 2 and {n["expert"] for n in nodes} <= EXPERTS
     for edge in info["plan"]["edges"]:  # a node starts after the node it depends on
         a = next(n for n in nodes if n["node"] == edge["from"])
         b = next(n for n in nodes if n["node"] == edge["to"])
         assert b["start_ms"] >= a["start_ms"] + a["ms"] - 1
 
 
+def test_sgd_parts_planner_refuses_a_single_question(coe_url: str) -> None:
+    body = {"model": "coe-auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+            "coe": {"strategy": "sgd", "sgd_planner": "parts"}}
+    headers, info, text = _post(coe_url, body, False)
+    assert headers["x-coe-strategy"] == "route" and info["fell_back_to"] == "route" and "enumerate" in info["why"]
+    assert headers["x-coe-expert"] in EXPERTS and text.strip()
+
+
+def _post(coe_url: str, body: dict[str, Any], stream: bool) -> tuple[Any, dict[str, Any], str]:
+    if stream:
+        with api.stream("POST", f"{coe_url}/v1/chat/completions", json=body, timeout=300) as r:
+            assert r.status_code == 200
+            headers = r.headers
+            chunks = _sse(list(r.iter_lines()))
+        info = next(c["coe"] for c in chunks if "coe" in c)
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+        return headers, info, text
+    r = api.post(f"{coe_url}/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.headers, r.json()["coe"], r.json()["choices"][0]["message"]["content"]
+
+
 @pytest.mark.parametrize("body, param", [
     ({"model": "general", "coe": {"strategy": "cascade"}}, "coe.strategy"),
     ({"model": "coe-auto", "coe": {"strategy": "beam"}}, "coe.strategy"),
+    ({"model": "coe-auto", "coe": {"strategy": "cascade", "sgd_planner": "model"}}, "coe.sgd_planner"),
 ])
 def test_bad_strategy_requests_are_400(coe_url: str, body: dict[str, Any], param: str) -> None:
     r = api.post(f"{coe_url}/v1/chat/completions",

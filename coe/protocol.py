@@ -144,6 +144,11 @@ class CoeOptions(BaseModel):
         "Decoding across experts. Default: the config's strategies.default. coe-auto only.")
     sgd_planner: Literal["auto", "model", "parts"] | None = Field(
         None, description="sgd only: overrides strategies.sgd.planner_mode for this request.")
+    max_steps: int | None = Field(None, ge=1, le=8, description="cascade only: at most this many experts asked "
+                                  "(at most the config's strategies.cascade.max_steps).")
+    budget_s: float | None = Field(None, gt=0.0, description="cascade only: no new step after this many seconds.")
+    budget_usd: float | None = Field(None, gt=0.0, description="cascade only: no new step once the steps so far "
+                                     "cost this much.")
 
 
 class ContentPart(BaseModel):

@@ -784,6 +784,9 @@ class CoeIngress:
             return "route"  # no router, no candidates: coe-auto goes to the fallback expert (the reason says so)
         if req.coe is not None and req.coe.sgd_planner is not None and strategy != "sgd":
             raise InvalidRequestError("coe.sgd_planner applies to strategy sgd only", param="coe.sgd_planner")
+        for name in ("max_steps", "budget_s", "budget_usd"):
+            if req.coe is not None and getattr(req.coe, name) is not None and strategy != "cascade":
+                raise InvalidRequestError(f"coe.{name} applies to strategy cascade only", param=f"coe.{name}")
         if strategy == "cascade" and self.calibration is None:
             raise InvalidRequestError("the cascade strategy is not set up here: strategies.cascade.profile names no "
                                       "calibration profile (see `coe profile signals`)", param="coe.strategy")
@@ -816,12 +819,20 @@ class CoeIngress:
         stop = req.stops()
         if strategy == "cascade":
             assert self.calibration is not None
+            ccfg = cfg.cascade
+            if req.coe is not None:  # the request's own step limit and budgets, never looser than the config's
+                own = {k: getattr(req.coe, k) for k in ("max_steps", "budget_s", "budget_usd")
+                       if getattr(req.coe, k) is not None}
+                for k, v in own.items():
+                    limit = getattr(ccfg, k)
+                    own[k] = v if limit is None else min(v, limit)
+                ccfg = ccfg.model_copy(update=own)
             top = await backend.route(query, 0.0)
             prices = {n: e.price_per_1k_tokens for n, e in self.experts.items()}
-            cands = cascade_candidates(top, prices, cfg.cascade, principal.may_use)
-            sandbox = self._get_sandbox if "code" in cfg.cascade.verifiers else None
+            cands = cascade_candidates(top, prices, ccfg, principal.may_use)
+            sandbox = self._get_sandbox if "code" in ccfg.verifiers else None
             result: StrategyResult = await run_cascade(
-                backend, cfg.cascade, self.calibration, cands, messages, query, t=t,
+                backend, ccfg, self.calibration, cands, messages, query, t=t,
                 max_tokens=req.requested_max_tokens(), temperature=req.temperature, seed=req.seed, sandbox=sandbox,
                 stream_last=req.stream, stop=stop)
             result.info.update({"candidates": cands, "routed": top.expert, "route_reason": top.reason})

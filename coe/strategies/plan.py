@@ -22,6 +22,7 @@ class PlanNode:
     domain: str
     difficulty: int
     depends_on: tuple[int, ...] = ()
+    label: str = ""  # the request's own label of this part ("a", "2"), when the plan came from its enumeration
 
 
 @dataclass

@@ -45,15 +45,19 @@ def node_messages(plan: Plan, node_id: int, answers: dict[int, str]) -> list[dic
     return [{"role": "user", "content": f"Earlier results:\n{ctx}\n\nUsing them, answer: {node.question}"}]
 
 
+def _label(plan: Plan, node_id: int, i: int) -> str:
+    return plan.node(node_id).label or str(i)
+
+
 def composer_messages(query: str, plan: Plan, answers: dict[int, str]) -> list[dict[str, str]]:
-    parts = "\n".join(f"({i}) {plan.node(n).question}\nAnswer: {answers.get(n, '').strip()}"
+    parts = "\n".join(f"({_label(plan, n, i)}) {plan.node(n).question}\nAnswer: {answers.get(n, '').strip()}"
                       for i, n in enumerate(sorted(answers), start=1))
     return [{"role": "system", "content": COMPOSER_PROMPT},
             {"role": "user", "content": f"Request: {query}\n\nAnswers to its parts:\n{parts}\n\nFinal answer:"}]
 
 
 def concat_answer(plan: Plan, answers: dict[int, str]) -> str:
-    return "\n\n".join(f"({i}) {plan.node(n).question}\n{answers.get(n, '').strip()}"
+    return "\n\n".join(f"({_label(plan, n, i)}) {plan.node(n).question}\n{answers.get(n, '').strip()}"
                        for i, n in enumerate(sorted(answers), start=1))
 
 
@@ -92,7 +96,7 @@ async def parts_plan(backend: Backend, query: str, max_nodes: int, t: float, dom
     nodes = []
     for i, ((label, text), d) in enumerate(zip(parts, decisions), start=1):
         deps = tuple(j for j, (lab, _) in enumerate(parts[: i - 1], start=1) if mentions(text, lab))
-        nodes.append(PlanNode(i, text, (domains_of.get(d.expert) or ["general"])[0], 3, deps))
+        nodes.append(PlanNode(i, text, (domains_of.get(d.expert) or ["general"])[0], 3, deps, label))
     return Plan(nodes=nodes, order=[n.id for n in nodes])
 
 

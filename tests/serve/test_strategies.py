@@ -44,6 +44,15 @@ def test_cascade_through_the_openai_client(client) -> None:  # noqa: ANN001
     assert resp.usage.total_tokens >= sum(s["tokens"] for s in steps if "tokens" in s)
 
 
+def test_cascade_request_step_limit(client) -> None:  # noqa: ANN001
+    raw = client.chat.completions.with_raw_response.create(
+        model="coe-auto", messages=[{"role": "user", "content": CODE}], max_tokens=48, temperature=0,
+        extra_body={"coe": {"strategy": "cascade", "max_steps": 1}})
+    info = raw.http_response.json()["coe"]
+    assert len(info["steps"]) == 1 and info["candidates"] == [info["routed"]]
+    assert info["steps"][0]["decision"].startswith("accepted (last candidate")
+
+
 def test_cascade_streams_only_the_accepted_answer(coe_url: str) -> None:
     body = {"model": "coe-auto", "messages": [{"role": "user", "content": CODE}], "max_tokens": 96,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
@@ -125,6 +134,8 @@ def _post(coe_url: str, body: dict[str, Any], stream: bool) -> tuple[Any, dict[s
     ({"model": "general", "coe": {"strategy": "cascade"}}, "coe.strategy"),
     ({"model": "coe-auto", "coe": {"strategy": "beam"}}, "coe.strategy"),
     ({"model": "coe-auto", "coe": {"strategy": "cascade", "sgd_planner": "model"}}, "coe.sgd_planner"),
+    ({"model": "coe-auto", "coe": {"strategy": "sgd", "budget_usd": 0.01}}, "coe.budget_usd"),
+    ({"model": "coe-auto", "coe": {"strategy": "cascade", "max_steps": 0}}, "coe.max_steps"),
 ])
 def test_bad_strategy_requests_are_400(coe_url: str, body: dict[str, Any], param: str) -> None:
     r = api.post(f"{coe_url}/v1/chat/completions",

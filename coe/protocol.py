@@ -144,6 +144,9 @@ class CoeOptions(BaseModel):
         "Decoding across experts. Default: the config's strategies.default. coe-auto only.")
     sgd_planner: Literal["auto", "model", "parts"] | None = Field(
         None, description="sgd only: overrides strategies.sgd.planner_mode for this request.")
+    sgd_compose: Literal["model", "concat"] | None = Field(
+        None, description="sgd only: overrides strategies.sgd.compose for this request (concat: each part's answer "
+        "under its sub-question, no composer call).")
     max_steps: int | None = Field(None, ge=1, le=8, description="cascade only: at most this many experts asked "
                                   "(at most the config's strategies.cascade.max_steps).")
     budget_s: float | None = Field(None, gt=0.0, description="cascade only: no new step after this many seconds.")

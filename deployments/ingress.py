@@ -782,8 +782,9 @@ class CoeIngress:
         strategy = asked or self.config.strategies.default
         if strategy != "route" and isinstance(self.router, DegradedRouter):
             return "route"  # no router, no candidates: coe-auto goes to the fallback expert (the reason says so)
-        if req.coe is not None and req.coe.sgd_planner is not None and strategy != "sgd":
-            raise InvalidRequestError("coe.sgd_planner applies to strategy sgd only", param="coe.sgd_planner")
+        for name in ("sgd_planner", "sgd_compose"):
+            if req.coe is not None and getattr(req.coe, name) is not None and strategy != "sgd":
+                raise InvalidRequestError(f"coe.{name} applies to strategy sgd only", param=f"coe.{name}")
         for name in ("max_steps", "budget_s", "budget_usd"):
             if req.coe is not None and getattr(req.coe, name) is not None and strategy != "cascade":
                 raise InvalidRequestError(f"coe.{name} applies to strategy cascade only", param=f"coe.{name}")
@@ -839,7 +840,8 @@ class CoeIngress:
             stream_messages = messages
         else:
             planner = cfg.sgd.planner or self.router.fallback_expert or self.config.experts[0].name
-            composer = (cfg.sgd.composer or planner) if cfg.sgd.compose == "model" else None
+            compose = (req.coe.sgd_compose if req.coe is not None else None) or cfg.sgd.compose
+            composer = (cfg.sgd.composer or planner) if compose == "model" else None
             domains_of = {n: e.domains for n, e in self.experts.items() if principal.may_use(n)}
             mode = (req.coe.sgd_planner if req.coe is not None else None) or cfg.sgd.planner_mode
             result = await run_sgd(backend, cfg.sgd, planner=planner, composer=composer, query=query,

@@ -12,7 +12,7 @@ import asyncio
 import json
 from typing import Any
 
-from coe.config import SGDConfig
+from coe.config import AUTO_MODEL, SGDConfig
 from coe.strategies import Answer, Backend, StrategyResult
 from coe.strategies.plan import Plan, PlanError, PlanNode, mentions, parse_plan, plan_schema, split_enumerated
 
@@ -161,9 +161,9 @@ async def run_sgd(backend: Backend, cfg: SGDConfig, *, planner: str, composer: s
 
     await asyncio.gather(*(run_node(n.id) for n in plan.nodes))
     result.steps.extend(node_steps[n] for n in plan.order)
-    if cfg.compose == "concat" or composer is None:
+    if composer is None:  # compose: concat
         text = concat_answer(plan, answers)
-        result.final = Answer("sgd", text, 0, 0, "stop", 0.0, backend.elapsed_ms(), 0.0)
+        result.final = Answer(AUTO_MODEL, text, 0, 0, "stop", 0.0, backend.elapsed_ms(), 0.0)  # no one expert
         result.steps.append({"role": "composer", "expert": None, "how": "concat"})
         result.reason = f"sgd({len(plan.nodes)} nodes, concat)"
         return result

@@ -135,6 +135,7 @@ def _post(coe_url: str, body: dict[str, Any], stream: bool) -> tuple[Any, dict[s
     ({"model": "coe-auto", "coe": {"strategy": "beam"}}, "coe.strategy"),
     ({"model": "coe-auto", "coe": {"strategy": "cascade", "sgd_planner": "model"}}, "coe.sgd_planner"),
     ({"model": "coe-auto", "coe": {"strategy": "sgd", "budget_usd": 0.01}}, "coe.budget_usd"),
+    ({"model": "coe-auto", "coe": {"sgd_compose": "concat"}}, "coe.sgd_compose"),
     ({"model": "coe-auto", "coe": {"strategy": "cascade", "max_steps": 0}}, "coe.max_steps"),
 ])
 def test_bad_strategy_requests_are_400(coe_url: str, body: dict[str, Any], param: str) -> None:

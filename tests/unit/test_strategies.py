@@ -287,7 +287,8 @@ def test_sgd_concat_keeps_each_part() -> None:
         return RoutingDecision(expert="general", scores={}, confidence=0.1, reason="fallback:ood(nn_sim=0.1<0.3)")
 
     be.route = route  # type: ignore[method-assign]
-    res = asyncio.run(run_sgd(be, SGDConfig(compose="concat"), planner="general", composer=None, query="q",
+    res = asyncio.run(run_sgd(be, SGDConfig(compose="concat", planner_mode="model"), planner="general", composer=None,
+                              query="q",
                               domains_of=DOMAINS_OF, allowed=lambda e: True, t=0.0, temperature=None, seed=None))
     assert res.final is not None and "merci" in res.final.text and "(3) Is that number even?" in res.final.text
 

@@ -70,8 +70,10 @@ def test_cascade_streams_only_the_accepted_answer(coe_url: str) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_sgd_answers_a_composite_request_node_by_node(coe_url: str, stream: bool) -> None:
+    # cpu-default lists the parts' answers (compose: concat); the streamed variant asks for the composer model.
+    coe = {"strategy": "sgd", **({"sgd_compose": "model"} if stream else {})}
     body = {"model": "coe-auto", "messages": [{"role": "user", "content": COMPOSITE}], "max_tokens": 96,
-            "temperature": 0, "coe": {"strategy": "sgd"}, "stream": stream}
+            "temperature": 0, "coe": coe, "stream": stream}
     headers, info, text = _post(coe_url, body, stream)
     assert text.strip()
     assert headers["x-coe-strategy"] == "sgd"
@@ -83,8 +85,14 @@ def test_sgd_answers_a_composite_request_node_by_node(coe_url: str, stream: bool
     assert {n["expert"] for n in nodes} <= EXPERTS
     a, b = nodes
     assert b["start_ms"] < a["start_ms"] + a["ms"]  # independent parts decoded at the same time
-    assert info["steps"][-1]["role"] == "composer" and info["steps"][-1]["expert"] == "general"
-    assert headers["x-coe-expert"] == "general"
+    composer = info["steps"][-1]
+    assert composer["role"] == "composer"
+    if stream:
+        assert composer["expert"] == "general" and composer["how"] == "streamed"
+        assert headers["x-coe-expert"] == "general"
+    else:  # concat: each part under its label, the parts' own answers
+        assert composer["how"] == "concat" and headers["x-coe-expert"] == "coe-auto"
+        assert text.startswith("(a) What is 15 + 27?") and "(b) Translate to French: good night." in text
 
 
 def test_sgd_with_the_model_planner(coe_url: str) -> None:

@@ -209,9 +209,6 @@ class _IngressBackend:
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.t0) * 1e3
 
-    def price(self, expert: str) -> float:
-        return self.ing.experts[expert].price_per_1k_tokens
-
     def engine_call(self, expert: str, messages: list[dict[str, str]], *, max_tokens: int | None = None,
                     temperature: float | None = None, seed: int | None = None, logprobs: bool = False,
                     json_schema: str | None = None, stop: list[str] | None = None

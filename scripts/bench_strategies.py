@@ -54,9 +54,6 @@ class ProfileBackend:
     def elapsed_ms(self) -> float:
         return 0.0
 
-    def price(self, expert: str) -> float:
-        return self.prices[expert]
-
     async def route(self, text: str, threshold: float) -> Any:  # pragma: no cover - the cascade does not route
         raise NotImplementedError
 

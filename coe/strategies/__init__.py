@@ -47,7 +47,7 @@ class StrategyResult:
 
 
 class Backend(Protocol):
-    """What a strategy may do: ask an expert, route a text, read prices and the clock."""
+    """What a strategy may do: ask an expert, route a text, read the clock."""
 
     async def ask(self, expert: str, messages: list[dict[str, str]], *, max_tokens: int | None = None,
                   temperature: float | None = None, seed: int | None = None, logprobs: bool = False,
@@ -57,10 +57,6 @@ class Backend(Protocol):
 
     async def route(self, text: str, threshold: float) -> RoutingDecision:
         """The router's decision for `text` at threshold t."""
-        ...
-
-    def price(self, expert: str) -> float:
-        """USD per 1k tokens."""
         ...
 
     def elapsed_ms(self) -> float:

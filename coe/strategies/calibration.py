@@ -8,7 +8,6 @@ lowest cut whose accepted answers reach the target. Under load the cascade's tar
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +103,3 @@ class CascadeCalibration:
     def summary(self, target: float) -> dict[str, Any]:
         return {"source": self.source, "train_answers": self.train_answers,
                 "thresholds": {e: c.threshold(target) for e, c in self.experts.items()}}
-
-    def to_json(self) -> str:
-        return json.dumps({"source": self.source, "train_answers": self.train_answers,
-                           "experts": {e: c.__dict__ for e, c in self.experts.items()}})

@@ -36,17 +36,6 @@ class Plan:
     def node(self, node_id: int) -> PlanNode:
         return next(n for n in self.nodes if n.id == node_id)
 
-    def levels(self) -> list[list[int]]:
-        """Node ids grouped by depth: every node's parents are in earlier levels."""
-        depth: dict[int, int] = {}
-        for nid in self.order:
-            parents = self.node(nid).depends_on
-            depth[nid] = 1 + max((depth[p] for p in parents), default=-1)
-        out: list[list[int]] = [[] for _ in range(1 + max(depth.values(), default=-1))]
-        for nid in self.order:
-            out[depth[nid]].append(nid)
-        return out
-
     def to_dict(self) -> dict[str, Any]:
         return {"nodes": [{"id": n.id, "question": n.question, "domain": n.domain, "difficulty": n.difficulty}
                           for n in self.nodes],

@@ -101,9 +101,8 @@ def test_plan_levels_follow_dependencies() -> None:
                                  {"id": 2, "question": "b", "domain": "general", "difficulty": 1},
                                  {"id": 3, "question": "c", "domain": "general", "difficulty": 3}],
                        "edges": [{"from": 1, "to": 3}]}, DOMAINS, 6)
-    levels = plan.levels()
-    assert sorted(levels[0]) == [1, 2] and levels[1] == [3]
-    assert plan.node(3).depends_on == (1,)
+    assert plan.order.index(1) < plan.order.index(3) and sorted(plan.order) == [1, 2, 3]
+    assert plan.node(3).depends_on == (1,) and plan.node(2).depends_on == ()
 
 
 def test_plan_schema_constrains_domains_and_size() -> None:

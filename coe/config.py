@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coe.errors import ConfigError
 
+STREAM_BATCH_MS_DEFAULT = 0.0  # set from scripts/bench_peers.py's streaming measurement (README)
+
 AUTO_MODEL = "coe-auto"
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
@@ -176,6 +178,10 @@ class VLLMOptions(StrictModel):
     enforce_eager: bool = False
     trust_remote_code: bool = False
     download_dir: str | None = None
+    engine_metrics: bool = Field(
+        True, description="Export vLLM's engine stats (running/waiting requests, KV cache use, prefix cache hits, "
+        "TTFT, time per output token) to Prometheus through Ray's metrics agent (ray_vllm_*, label model_name = the "
+        "expert), as Ray Serve LLM does.")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="More vllm.AsyncEngineArgs fields, passed as given (e.g. speculative_config "
         "for draft-model or n-gram speculative decoding, kv_cache_dtype). Checked against AsyncEngineArgs where vllm "
@@ -185,7 +191,8 @@ class VLLMOptions(StrictModel):
     @classmethod
     def _not_owned(cls, v: dict[str, Any]) -> dict[str, Any]:
         owned = {"model", "served_model_name", "tensor_parallel_size", "pipeline_parallel_size", "revision",
-                 "tokenizer", "distributed_executor_backend"} | (set(cls.model_fields) - {"engine_kwargs"})
+                 "tokenizer", "distributed_executor_backend", "disable_log_stats"} | (
+                     set(cls.model_fields) - {"engine_kwargs"})
         clash = sorted(set(v) & owned)
         if clash:
             raise ValueError(f"may not set {clash}: coe sets them (use the expert's source, resources and vllm "
@@ -237,6 +244,10 @@ class ExpertConfig(StrictModel):
         description="Requests waiting for a replica (per caller) before new ones get 429; -1: unbounded.",
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    stream_batch_ms: float = Field(
+        STREAM_BATCH_MS_DEFAULT, ge=0.0, le=1000.0,
+        description="Streamed answers: the deltas generated within this many ms leave the expert replica as one "
+        "Ray message (the first delta goes at once, so time to first token is untouched); 0: one message per delta.")
     slo: SLOConfig = Field(default_factory=SLOConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     llama_cpp: LlamaCppOptions | None = None
@@ -548,7 +559,14 @@ class RuntimeSettings(BaseSettings):
 
     redis_url: str | None = Field(None, description="Redis for shared state; none: in-process.")
     model_cache_dir: str | None = Field(None, description="Where assembled package models are written.")
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Level of coe's and Ray Serve's logs in every deployment (COE_LOG_LEVEL); at DEBUG the "
+        "controller's access lines (one per ingress report) are written too.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v
     admin_key: SecretStr | None = Field(None, description="The admin key (turns authentication on).")
     admin_key_file: str | None = Field(None, description="A file holding the admin key (a mounted Secret).")
     insecure_no_auth: bool = Field(False, description="Serve without keys on a non-loopback address.")

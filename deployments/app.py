@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
-from coe.config import CoeConfig, load_config, parse_config
+from coe.config import CoeConfig, RuntimeSettings, load_config, parse_config
+from coe.errors import ConfigError
 from deployments.controller import CoeController
 from deployments.expert import ExpertServer, expert_deployment_options
 from deployments.ingress import CoeIngress
@@ -61,15 +62,39 @@ def controller_deployment_options(config: CoeConfig) -> dict[str, Any]:
             "max_ongoing_requests": 1000, "health_check_period_s": 5}
 
 
+def log_level() -> str:
+    """COE_LOG_LEVEL (DEBUG, INFO, WARNING, ERROR; default INFO); anything else is a ConfigError."""
+    from pydantic import ValidationError
+
+    try:
+        return RuntimeSettings().log_level
+    except ValidationError as err:
+        bad = [e for e in err.errors() if e["loc"] and e["loc"][0] == "log_level"]
+        if bad:
+            raise ConfigError(f"COE_LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR: {bad[0]['msg']}") from None
+        raise ConfigError(f"bad COE_* environment: {err}") from None
+
+
+def logging_config(level: str, access_log: bool = True) -> dict[str, Any]:
+    """A deployment's Serve logging_config (its replicas' level for coe's and Serve's loggers). The encoding is
+    left to RAY_SERVE_LOG_ENCODING (TEXT, or JSON as the k8s manifests set it)."""
+    return {"log_level": level, "enable_access_log": access_log}
+
+
 def build_from_config(config: CoeConfig) -> Application:
-    """The Serve application for a validated config."""
+    """The Serve application for a validated config. Every deployment logs at COE_LOG_LEVEL; the controller's
+    access lines (one per ingress report, internal calls) only at DEBUG."""
+    level = log_level()
+    log = logging_config(level)
     handles = {
-        e.name: serve.deployment(ExpertServer).options(**expert_deployment_options(e)).bind(e.model_dump())
+        e.name: serve.deployment(ExpertServer).options(**expert_deployment_options(e), logging_config=log).bind(
+            e.model_dump())
         for e in config.experts
     }
-    controller = serve.deployment(CoeController).options(**controller_deployment_options(config)).bind(
-        config.model_dump())
-    ingress = serve.deployment(CoeIngress).options(**ingress_deployment_options(config))
+    controller = serve.deployment(CoeController).options(
+        **controller_deployment_options(config), logging_config=logging_config(level, access_log=level == "DEBUG")
+    ).bind(config.model_dump())
+    ingress = serve.deployment(CoeIngress).options(**ingress_deployment_options(config), logging_config=log)
     return ingress.bind(config.model_dump(), handles, controller)
 
 

@@ -8,6 +8,8 @@ from typing import Any
 
 from coe.config import ExpertConfig
 from coe.engines import EnginePrompt, SamplingParams, make_engine
+from coe.engines.base import collect
+from coe.metrics import ExpertMetrics, batch_stream
 
 logger = logging.getLogger("ray.serve")
 
@@ -19,10 +21,12 @@ class ExpertServer:
         self.config = ExpertConfig.model_validate(expert)
         self.engine = make_engine(self.config)
         await self.engine.start()
+        self.metrics = ExpertMetrics(self.config.name)
+        self.batch_s = self.config.stream_batch_ms / 1000
 
     async def generate(self, prompt: EnginePrompt, params: SamplingParams) -> dict[str, Any]:
         """A whole completion: {text, prompt_tokens, completion_tokens, finish_reason}."""
-        result = await self.engine.generate(prompt, params)
+        result = await collect(self.metrics.timed(self.engine.stream(prompt, params)))
         return {
             "text": result.text,
             "prompt_tokens": result.prompt_tokens,
@@ -33,8 +37,9 @@ class ExpertServer:
         }
 
     async def stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[dict[str, Any]]:
-        """Deltas; the last one carries finish_reason and the token counts."""
-        async for chunk in self.engine.stream(prompt, params):
+        """Deltas, those of one `stream_batch_ms` interval merged into one message; the last one carries
+        finish_reason and the token counts."""
+        async for chunk in batch_stream(self.metrics.timed(self.engine.stream(prompt, params)), self.batch_s):
             yield {
                 "text": chunk.text,
                 "finish_reason": chunk.finish_reason,

@@ -27,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 
 from coe.auth import Authenticator, Principal, make_auth_store
 from coe.load import IngressLoad
+from coe.metrics import LATENCY_BUCKETS_MS, TTFT_BUCKETS_MS
 from coe.config import AUTO_MODEL, CoeConfig, ExpertConfig, RuntimeSettings
 from coe.control import ThresholdState
 from coe.engines import EnginePrompt, SamplingParams
@@ -334,6 +335,11 @@ class CoeIngress:
                               tag_keys=("expert",))
         self.m_route_ms = Histogram("coe_router_latency_ms", description="Routing decision time (batch wait incl.).",
                                     boundaries=[1, 2, 5, 10, 15, 20, 30, 50, 100, 200, 500])
+        self.m_ttft = Histogram("coe_ttft_ms", description="Time to first token of streamed requests in the ingress "
+                                "(routing and the expert's queue included), per expert.",
+                                boundaries=TTFT_BUCKETS_MS, tag_keys=("expert",))
+        self.m_latency = Histogram("coe_request_latency_ms", description="Whole request time in the ingress, per "
+                                   "expert.", boundaries=LATENCY_BUCKETS_MS, tag_keys=("expert", "stream"))
         self.m_fallbacks = Counter("coe_fallbacks", description="Fallback decisions by reason.", tag_keys=("reason",))
         self.m_errors = Counter("coe_errors", description="Failed requests by error type.", tag_keys=("type",))
         self.m_degraded = Gauge("coe_router_degraded", description="1 while the router artifact is unavailable "
@@ -553,6 +559,7 @@ class CoeIngress:
         return True
 
     async def _handle(self, request: Request, kind: str) -> Response:
+        started = time.perf_counter()
         request_id = current_request_id()
         expert_name: str | None = None
         cap = self.config.server.max_ongoing_requests + self.config.server.max_queued_requests
@@ -605,7 +612,7 @@ class CoeIngress:
             if req.stream:
                 include_usage = bool((req.stream_options or {}).get("include_usage"))
                 response = await self._stream(kind, prep, attempts, extra, include_usage, principal, record,
-                                              coe_info=coe_info)
+                                              coe_info=coe_info, started=started)
                 streaming = True  # the stream's body releases the admission slot when it ends
                 return response
             failed: list[str] = []
@@ -622,6 +629,7 @@ class CoeIngress:
             usage = Usage.of(out["prompt_tokens"], out["completion_tokens"])
             self._account_usage(principal, prep.expert, usage.total_tokens)
             self.m_requests.inc(tags={"expert": expert_name, "routed": str(prep.decision is not None).lower()})
+            self.m_latency.observe((time.perf_counter() - started) * 1e3, tags={"expert": expert_name, "stream": "false"})
             rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
             if kind == "chat":
                 payload = chat_response(rid, expert_name, out["text"], out["finish_reason"], usage)
@@ -644,7 +652,7 @@ class CoeIngress:
     async def _stream(
         self, kind: str, prep: _Prepared, attempts: list[tuple[ExpertConfig, EnginePrompt, SamplingParams]],
         extra: dict[str, str], include_usage: bool, principal: Principal, record: dict[str, Any] | None,
-        coe_info: dict[str, Any] | None = None, usage_before: tuple[int, int] = (0, 0),
+        coe_info: dict[str, Any] | None = None, usage_before: tuple[int, int] = (0, 0), started: float | None = None,
     ) -> Response:
         """Stream one expert's answer as SSE. `coe_info`: the strategy's steps, sent in the finishing chunk's `coe`
         field; `usage_before`: tokens of the strategy's earlier calls, added to the usage chunk."""
@@ -680,6 +688,8 @@ class CoeIngress:
         prep = _Prepared(expert=expert, prompt=prompt, params=params, decision=prep.decision)
         headers = {**extra, **self._headers(prep, failed, record)}
         ttft = (time.time() - t0) * 1e3
+        t_start = started if started is not None else time.perf_counter() - ttft / 1e3
+        self.m_ttft.observe((time.perf_counter() - t_start) * 1e3, tags={"expert": name})
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         created = int(time.time())
         model = prep.expert.name
@@ -728,6 +738,7 @@ class CoeIngress:
             self.active -= 1
             self._account_usage(principal, expert, tokens)
             self.m_requests.inc(tags={"expert": name, "routed": str(prep.decision is not None).lower()})
+            self.m_latency.observe((time.perf_counter() - t_start) * 1e3, tags={"expert": name, "stream": "true"})
 
         async def body() -> AsyncIterator[str]:
             nonlocal tokens, completed

@@ -91,6 +91,7 @@ class VLLMEngine:
             "max_num_seqs": o.max_num_seqs,
             "enforce_eager": o.enforce_eager,
             "trust_remote_code": o.trust_remote_code,
+            "disable_log_stats": not o.engine_metrics,
         }
         if o.tensor_parallel_size * o.pipeline_parallel_size > 1:
             # The replica actor holds all its GPUs (resources.num_gpus == TP x PP, one node): vLLM's multiprocessing
@@ -128,7 +129,12 @@ class VLLMEngine:
             ) from err
         args = self.check_engine_args()
         try:
-            self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**args))
+            loggers: dict[str, Any] = {}
+            if self._opts.engine_metrics:
+                from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+                loggers["stat_loggers"] = [RayPrometheusStatLogger]
+            self._engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**args), **loggers)
         except Exception as err:  # noqa: BLE001 - vLLM raises many types at load
             raise ModelLoadError(f"vLLM could not load expert '{self._expert.name}': {err}") from err
         tok = self._engine.get_tokenizer()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import copy
 import shutil
 import subprocess
@@ -55,11 +57,14 @@ def test_cli_validate_whole_tree(crd_dir: Path, capsys: pytest.CaptureFixture[st
 def test_overlay_contents(overlay: str, built: Built) -> None:
     kinds = sorted(o.kind for o in built[overlay])
     groups = {"cpu-demo": 1, "gpu-prod": 3}[overlay]
-    expected = (["Ingress", "PodMonitor", "PodMonitor", "RayService", "Service", "Service", "StatefulSet",
+    expected = (["ConfigMap", "Ingress", "PodMonitor", "PodMonitor", "RayService", "Service", "Service", "StatefulSet",
                  "StatefulSet"] + ["NetworkPolicy"] * 3 + ["PodDisruptionBudget"] * (1 + groups))
     assert kinds == sorted(expected), "no Secret is ever rendered: `coe k8s secrets` creates them"
     ns = {"cpu-demo": "coe-demo", "gpu-prod": "coe"}[overlay]
     assert all(o.doc["metadata"]["namespace"] == ns for o in built[overlay])
+    board = next(o for o in built[overlay] if o.kind == "ConfigMap" and o.name == "coe-grafana-dashboard")
+    assert board.doc["metadata"]["labels"]["grafana_dashboard"] == "1"  # Grafana's dashboard sidecar loads it
+    assert json.loads(board.doc["data"]["coe-dashboard.json"])["uid"] == "coe-overview"
     rs = obj(built[overlay], "RayService")
     rc = rs["spec"]["rayClusterConfig"]
     assert rc["enableInTreeAutoscaling"] is True and rc["autoscalerOptions"]["version"] == "v2"

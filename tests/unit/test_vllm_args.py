@@ -15,6 +15,9 @@ def test_engine_args_follow_config_and_vllm_is_not_imported() -> None:
     assert args["model"] == general.source.hub
     assert args["tensor_parallel_size"] == 2 and args["max_model_len"] == general.vllm.max_model_len
     assert args["served_model_name"] == ["general"]
+    assert args["disable_log_stats"] is False  # the engine's stats go to Prometheus (engine_metrics)
+    quiet = general.model_copy(update={"vllm": general.vllm.model_copy(update={"engine_metrics": False})})
+    assert VLLMEngine(quiet).engine_args()["disable_log_stats"] is True
     assert "vllm" not in sys.modules  # lazily imported: only an expert start loads it
 
 

@@ -97,15 +97,22 @@ def auth_notice(host: str, *, insecure_no_auth: bool = False) -> str:
 
 def start_local_serve(
     config_ref: str | CoeConfig, *, port: int | None = None, num_cpus: int | None = None, dashboard: bool = True,
-    log_to_driver: bool = True, insecure_no_auth: bool = False,
+    log_to_driver: bool = True, insecure_no_auth: bool = False, metrics_port: int | None = None,
+    direct_ingress: bool = False, direct_port: int | None = None,
 ) -> dict[str, Any]:
-    """Start a local Ray bound to loopback, deploy coe, wait until ready. Returns {url, app_name, auth}.
+    """Start a local Ray bound to loopback, deploy coe, wait until ready. Returns {url, app_name, auth,
+    proxy_url, metrics_url}.
 
     `log_to_driver` False keeps the replicas' logs in Ray's log files only (benchmarks with a progress bar).
     Refuses (ConfigError) to serve without keys on a non-loopback address unless `insecure_no_auth`.
+    `metrics_port`: where Ray's metrics agent serves Prometheus' /metrics (default: a port Ray picks).
+    `direct_ingress`: Ray Serve's direct ingress (the ingress replica serves HTTP itself, without the proxy actor
+    hop): `url` is the ingress replica's own port (`direct_port`, default the config's port) and Serve's proxy
+    moves to a free port (`proxy_url`). One ingress replica only: nothing balances several direct ports here.
     """
     _loopback_ray_env()
     from coe.config import CoeConfig, load_config
+    from coe.errors import ConfigError
 
     config = config_ref.model_copy(deep=True) if isinstance(config_ref, CoeConfig) else load_config(config_ref)
     if insecure_no_auth:
@@ -119,6 +126,28 @@ def start_local_serve(
     ensure_router_artifact(config, train_from=default_profile(config_ref))
     if port is not None:
         config.server.port = port
+    url_port = config.server.port
+    if direct_ingress:
+        auto = config.server.ingress_autoscaling
+        if auto.max_replicas > 1:
+            raise ConfigError("direct ingress serves one ingress replica on the config's port; with "
+                              f"server.ingress_autoscaling.max_replicas {auto.max_replicas} put a load balancer "
+                              "(Ray's RAY_SERVE_ENABLE_HA_PROXY) in front instead")
+        url_port = direct_port or config.server.port
+        config.server.port = free_port() if url_port == config.server.port else config.server.port
+        # Read by Serve's controller and the replicas, which inherit the driver's environment at ray.init.
+        os.environ.update({
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(url_port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(url_port + 1),
+            # A restarted ingress replica takes the same port at once (Ray holds a freed port back 150 s), and
+            # nothing outside needs the 30 s drain Ray gives a load balancer to notice a leaving replica.
+            "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+        })
+    init_kw: dict[str, Any] = {}
+    if metrics_port is not None:
+        init_kw["_metrics_export_port"] = metrics_port
     ray.init(
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
@@ -127,6 +156,7 @@ def start_local_serve(
         configure_logging=True,
         logging_level="WARNING",
         log_to_driver=log_to_driver,
+        **init_kw,
     )
     serve.start(
         http_options={
@@ -137,7 +167,20 @@ def start_local_serve(
     )
     serve.run(build_from_config(config), name=config.app_name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if config.server.host in ("0.0.0.0", "::") else config.server.host
-    return {"url": f"http://{host}:{config.server.port}", "app_name": config.app_name, "auth": notice}
+    node = ray.nodes()[0] if ray.nodes() else {}
+    mport = metrics_port or node.get("MetricsExportPort")
+    return {"url": f"http://{host}:{url_port}", "proxy_url": f"http://{host}:{config.server.port}",
+            "app_name": config.app_name, "auth": notice, "direct_ingress": direct_ingress,
+            "metrics_url": f"http://127.0.0.1:{mport}/metrics" if mport else None}
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def ray_token_hint() -> str:
@@ -165,10 +208,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         info = start_local_serve(args.config, port=args.port, num_cpus=args.num_cpus,
-                                 insecure_no_auth=args.insecure_no_auth)
+                                 insecure_no_auth=args.insecure_no_auth, metrics_port=args.metrics_port,
+                                 direct_ingress=args.direct_ingress)
         ok = _wait_ready(info["url"], timeout=args.ready_timeout)
         print(f"coe is serving at {info['url']}/v1 ({'ready' if ok else 'NOT ready'} after {time.time() - t0:.1f}s)")
         print(f"  {info['auth']}")
+        if info["direct_ingress"]:
+            print(f"  direct ingress: the ingress replica answers at {info['url']} (Serve's proxy: {info['proxy_url']})")
+        if info["metrics_url"]:
+            print(f"  Prometheus metrics: {info['metrics_url']} (Grafana dashboard: k8s/base/grafana/coe-dashboard.json)")
         print(f"  try: coe chat 'Write a Python function that reverses a string' --url {info['url']}")
         hint = ray_token_hint()
         print(f"  Ray dashboard: http://127.0.0.1:8265{f' ({hint})' if hint else ''}   stop: Ctrl-C", flush=True)
@@ -294,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-timeout", type=float, default=300.0)
     s.add_argument("--insecure-no-auth", action="store_true",
                    help="serve without API keys on a non-loopback address (refused otherwise)")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="port of Prometheus' /metrics (Ray's metrics agent; default: a port Ray picks, printed)")
+    s.add_argument("--no-direct-ingress", dest="direct_ingress", action="store_false",
+                   help="answer through Ray Serve's HTTP proxy actor instead of the ingress replica's own server "
+                        "(direct ingress, the default here: one hop less, see the README's gateway measurements)")
     s.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("status", help="readiness and experts of a running coe")

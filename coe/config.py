@@ -336,6 +336,10 @@ class RouterDCConfig(StrictModel):
         "coe_router_degraded metric say so.")
     batch_max_size: int = Field(32, ge=1, description="Concurrent routing decisions encoded in one batch.")
     batch_wait_timeout_s: float = Field(0.002, ge=0.0, description="How long a batch waits to fill.")
+    cache_size: int = Field(
+        4096, ge=0, description="Routed texts whose encoder embedding an ingress replica keeps (LRU, exact text). A "
+        "repeated text skips the encoder and the batch wait; the decision itself (t, load penalties, overflow, "
+        "fallback) is made afresh every time. 0: off.")
 
     def artifact_path(self) -> Path:
         """The artifact directory, `~` and $VARS expanded."""

@@ -49,7 +49,7 @@ class ExpertMetrics:
     def __init__(self, expert: str) -> None:
         from ray.serve.metrics import Counter, Histogram
 
-        tags = {"expert": expert}
+        self.tags = {"expert": expert}
         self.ttft = Histogram("coe_expert_ttft_ms", description="Time to first token in the expert replica, its "
                               "queue included (ms).", boundaries=TTFT_BUCKETS_MS, tag_keys=("expert",))
         self.itl = Histogram("coe_expert_itl_ms", description="Inter-token latency in the expert replica, mean of "
@@ -58,8 +58,6 @@ class ExpertMetrics:
                                      tag_keys=("expert",))
         self.completion_tokens = Counter("coe_completion_tokens", description="Completion tokens generated.",
                                          tag_keys=("expert",))
-        for m in (self.ttft, self.itl, self.prompt_tokens, self.completion_tokens):
-            m.set_default_tags(tags)
 
     async def timed(self, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
         """Pass an engine's stream through, recording its TTFT, mean ITL and tokens when it finishes."""
@@ -70,14 +68,14 @@ class ExpertMetrics:
                 last = time.perf_counter()
                 if first is None:
                     first = last
-                    self.ttft.observe((first - t0) * 1e3)
+                    self.ttft.observe((first - t0) * 1e3, tags=self.tags)
             if chunk.finish_reason is not None:
                 if chunk.prompt_tokens:
-                    self.prompt_tokens.inc(chunk.prompt_tokens)
+                    self.prompt_tokens.inc(chunk.prompt_tokens, tags=self.tags)
                 if chunk.completion_tokens:
-                    self.completion_tokens.inc(chunk.completion_tokens)
+                    self.completion_tokens.inc(chunk.completion_tokens, tags=self.tags)
                 if first is not None and last is not None and chunk.completion_tokens > 1:
-                    self.itl.observe((last - first) * 1e3 / (chunk.completion_tokens - 1))
+                    self.itl.observe((last - first) * 1e3 / (chunk.completion_tokens - 1), tags=self.tags)
             yield chunk
 
 

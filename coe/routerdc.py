@@ -155,8 +155,10 @@ class RouterDCRouter(Router):
 
     def __init__(self, artifact_dir: str | Path, *, expected_experts: list[str] | None = None,
                  encoder: SentenceEncoder | None = None, threshold: float | None = None,
-                 fallback_expert: str | None = None, min_confidence: float | None = None) -> None:
+                 fallback_expert: str | None = None, min_confidence: float | None = None,
+                 cache_size: int = 0) -> None:
         self.model, self.encoder = load_artifact(artifact_dir, expected_experts=expected_experts, encoder=encoder)
+        self._cache = EmbeddingCache(cache_size)
         self.default_threshold = self.model.params.default_threshold if threshold is None else threshold
         if fallback_expert is not None:
             if fallback_expert not in self.model.params.experts:
@@ -187,7 +189,60 @@ class RouterDCRouter(Router):
         t = np.array([self.default_threshold if x is None else x for x in thresholds], dtype=np.float64)
         # Penalties only remove loaded experts from a request's candidates, and the overflow rule moves a request
         # at most its t_spill (never above its own cap): premium requests (cap 0) are never moved by load.
-        return decide(self.model, self.encoder.encode(queries), t, penalties, overflow)
+        return decide(self.model, self.embed(queries), t, penalties, overflow)
+
+    def embed(self, queries: list[str]) -> np.ndarray:
+        """The encoder's embeddings, from the cache where it holds the exact text (misses: one encoder pass)."""
+        rows = [self._cache.get(q) for q in queries]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            fresh = self.encoder.encode([queries[i] for i in missing])
+            for j, i in enumerate(missing):
+                rows[i] = fresh[j]
+                self._cache.put(queries[i], fresh[j])
+        return np.stack(rows)  # type: ignore[arg-type]
+
+    def is_cached(self, query: str) -> bool:
+        """Whether a decision for `query` needs no encoder pass."""
+        return self._cache.has(query)
+
+
+class EmbeddingCache:
+    """A bounded LRU of text -> embedding, safe across the routing threads."""
+
+    def __init__(self, size: int) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self.size = size
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def has(self, text: str) -> bool:
+        return self.size > 0 and text in self._items
+
+    def get(self, text: str) -> np.ndarray | None:
+        if self.size <= 0:
+            return None
+        with self._lock:
+            row = self._items.get(text)
+            if row is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(text)
+            self.hits += 1
+            return row
+
+    def put(self, text: str, row: np.ndarray) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._items[text] = row
+            self._items.move_to_end(text)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
 
 
 @dataclass

@@ -17,7 +17,7 @@ def build_router(config: CoeConfig) -> Router:
         try:
             return RouterDCRouter(rc.artifact_path(), expected_experts=[e.name for e in config.experts],
                                   threshold=rc.threshold, fallback_expert=rc.fallback_expert,
-                                  min_confidence=rc.min_confidence)
+                                  min_confidence=rc.min_confidence, cache_size=rc.cache_size)
         except RouterArtifactError as err:
             if rc.require_artifact or rc.fallback_expert is None:
                 raise

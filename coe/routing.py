@@ -52,6 +52,10 @@ class Router(abc.ABC):
         """Whether the cost/quality threshold t changes this router's decisions."""
         return False
 
+    def is_cached(self, query: str) -> bool:
+        """Whether deciding `query` needs no encoder pass (a cache hit): the caller may decide it inline."""
+        return False
+
     @property
     def fallback_expert(self) -> str | None:
         """The safe generalist uncertain queries go to (and the last candidate when calls fail)."""

@@ -467,7 +467,17 @@ class CoeIngress:
         threshold = self._threshold_of(model, options)
         own_t = "@" in model or (options is not None and options.quality_threshold is not None)
         t0 = time.perf_counter()
-        decision = await self._route_batched((query, threshold, self.load.spill_threshold(threshold, options, own_t)))
+        t_spill = self.load.spill_threshold(threshold, options, own_t)
+        if self.router.is_cached(query):
+            # The embedding is cached: a decision is a few vector operations, made here without the batch wait
+            # or a thread hop (t, load penalties and overflow are applied afresh).
+            overflow = self.load.overflow([t_spill]) if t_spill > threshold else None
+            decision = route_isolated(self.router, [query], [threshold], self.load.routing_penalties(), overflow)[0]
+            if isinstance(decision, RoutingDecision):
+                decision.extra["batch_size"] = 0
+                decision.extra["cached"] = True
+        else:
+            decision = await self._route_batched((query, threshold, t_spill))
         if isinstance(decision, Exception):
             logger.warning("routing failed for one request: %s: %s", type(decision).__name__, decision)
             raise decision if isinstance(decision, CoeError) else CoeError("routing failed") from None

@@ -266,3 +266,29 @@ def test_training_with_encoder_finetuning_keeps_the_better_encoder_and_serves_it
     out = save_artifact(tmp_path / "art", model)
     router = RouterDCRouter(out)  # whichever encoder won, the artifact rebuilds it (the fingerprint checks)
     assert router.route_batch(["Translate into French: the sun is warm"], threshold=0.0)[0].expert == "french"
+
+
+def test_embedding_cache_gives_the_same_decisions_and_stays_bounded(trained) -> None:  # noqa: ANN001
+    test, _, out, enc = trained
+    plain = RouterDCRouter(out, encoder=enc)
+    cached = RouterDCRouter(out, encoder=enc, cache_size=4)
+    qs = test.questions[:6]
+    assert not cached.is_cached(qs[0]) and not plain.is_cached(qs[0])
+    first = cached.route_each(qs[:3], [0.0] * 3)
+    assert all(cached.is_cached(q) for q in qs[:3])
+    calls: list[int] = []
+    real = enc.encode
+    enc.encode = lambda texts, *a, **k: (calls.append(len(texts)), real(texts, *a, **k))[1]  # type: ignore[method-assign]
+    try:
+        again = cached.route_each(qs[:3], [0.0] * 3)  # all hits: no encoder pass
+        assert calls == []
+        mixed = cached.route_each(qs[:4], [0.0, 0.3, 0.0, 0.0])  # one miss: one pass for it alone
+        assert calls == [1]
+    finally:
+        enc.encode = real  # type: ignore[method-assign]
+    want = plain.route_each(qs[:4], [0.0, 0.3, 0.0, 0.0])
+    assert [(d.expert, d.scores, d.reason) for d in first + again] == [
+        (d.expert, d.scores, d.reason) for d in plain.route_each(qs[:3], [0.0] * 3) * 2]
+    assert [(d.expert, d.reason, d.threshold) for d in mixed] == [(d.expert, d.reason, d.threshold) for d in want]
+    cached.route_each(qs[4:6], [0.0, 0.0])  # 6 texts seen, 4 kept: the least recently used left
+    assert sum(cached.is_cached(q) for q in qs) == 4 and not cached.is_cached(qs[0])

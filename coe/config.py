@@ -335,7 +335,10 @@ class RouterDCConfig(StrictModel):
         "coe-auto goes to fallback_expert (reason fallback:router_unavailable), pinned models work, /ready and the "
         "coe_router_degraded metric say so.")
     batch_max_size: int = Field(32, ge=1, description="Concurrent routing decisions encoded in one batch.")
-    batch_wait_timeout_s: float = Field(0.002, ge=0.0, description="How long a batch waits to fill.")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0.0, description="How long a routing batch waits to fill. 0: a lone request is routed at once, and "
+        "under load the requests that arrive while a batch is encoded form the next (measured: scripts/bench_peers.py)."
+    )
     cache_size: int = Field(
         4096, ge=0, description="Routed texts whose encoder embedding an ingress replica keeps (LRU, exact text). A "
         "repeated text skips the encoder and the batch wait; the decision itself (t, load penalties, overflow, "

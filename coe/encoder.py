@@ -176,6 +176,9 @@ class SentenceEncoder:
         # Ray sets OMP_NUM_THREADS from an actor's logical CPUs (1 for the 0.25-CPU ingress); one query's
         # encoding is latency-bound, so give it the cores it may use (measured: 20 -> 15 ms on 2 cores).
         torch.set_num_threads(threads or os.cpu_count() or 1)
+        import threading
+
+        self._tokenize_lock = threading.Lock()
         self._session: Any = None
         path = model or str(default_encoder_path())
         if Path(path).exists():
@@ -230,7 +233,10 @@ class SentenceEncoder:
 
     def _preprocess(self, texts: list[str]) -> Any:
         preprocess = getattr(self._model, "preprocess", None) or self._model.tokenize
-        return preprocess(texts)
+        # A fast tokenizer is not safe to call from two threads at once ("Already borrowed"); routing batches may
+        # run concurrently (the ingress's max_concurrent_batches), the forward passes after this may overlap.
+        with self._tokenize_lock:
+            return preprocess(texts)
 
     @property
     def module(self) -> Any:

@@ -43,6 +43,17 @@ EXPORTED: dict[str, str] = {
 }
 
 
+def zero(counter: Any, label_sets: list[dict[str, str]]) -> None:
+    """Export `counter` at 0 for label sets known at start, so its series exist before the first event (Prometheus'
+    advice: rate() and the dashboard see 0, not a missing series). Ray's Counter.inc refuses 0, so this records
+    through its recorder; on a Ray without it the series appear at the first event instead."""
+    record = getattr(counter, "_record", None)
+    if record is None:
+        return
+    for tags in label_sets:
+        record(0.0, tags=tags)
+
+
 class ExpertMetrics:
     """TTFT, inter-token latency and token counters of one expert's replica (created in the replica)."""
 

@@ -27,19 +27,24 @@ from ray.serve.handle import DeploymentHandle
 
 from coe.auth import Authenticator, Principal, make_auth_store
 from coe.load import IngressLoad
-from coe.metrics import LATENCY_BUCKETS_MS, TTFT_BUCKETS_MS
+from coe.metrics import LATENCY_BUCKETS_MS, TTFT_BUCKETS_MS, zero
 from coe.config import AUTO_MODEL, CoeConfig, ExpertConfig, RuntimeSettings
 from coe.control import ThresholdState
 from coe.engines import EnginePrompt, SamplingParams
 from coe.errors import (
+    AuthenticationError,
     CoeError,
     ConfigError,
     ExpertUnavailableError,
     GatewayTimeoutError,
+    GenerationError,
     InvalidRequestError,
     ModelNotFoundError,
     NotFoundError,
     OverloadedError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    RateLimitError,
     RequestTooLargeError,
 )
 from coe.protocol import (
@@ -63,6 +68,9 @@ logger = logging.getLogger("ray.serve")
 
 
 RETRYABLE = (ExpertUnavailableError, OverloadedError, GatewayTimeoutError)  # failures of the call, not the request
+# What a request can fail with (coe_errors' type label, exported at 0 from the start).
+ERROR_TYPES = (CoeError, InvalidRequestError, OverloadedError, ExpertUnavailableError, GatewayTimeoutError,
+               AuthenticationError, PermissionDeniedError, RateLimitError, QuotaExceededError, GenerationError)
 
 
 def as_coe_error(exc: BaseException) -> CoeError:
@@ -347,6 +355,12 @@ class CoeIngress:
         self.m_degraded.set(1.0 if isinstance(self.router, DegradedRouter) else 0.0)
         self.m_retries = Counter("coe_retries", description="Expert calls retried on another candidate or replica "
                                  "after a failure before the first byte.", tag_keys=("expert", "error"))
+        experts = [{"expert": n} for n in self.experts]
+        zero(self.m_debt, experts)
+        zero(self.m_requests, [{**e, "routed": r} for e in experts for r in ("true", "false")])
+        zero(self.m_retries, [{**e, "error": t} for e in experts for t in sorted({c.error_type for c in RETRYABLE})])
+        zero(self.m_errors, [{"type": t} for t in sorted({c.error_type for c in ERROR_TYPES})])
+        zero(self.m_fallbacks, [{"reason": r} for r in ("ood", "low_confidence", "router_unavailable")])
         self._report_task = None
         if controller is not None:
             self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
@@ -435,7 +449,10 @@ class CoeIngress:
         cap = options.max_quality_threshold if options is not None else None
         return min(t, cap) if cap is not None else t
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    # No wait to fill a batch: a lone request is routed at once, and under load the requests that arrive while a
+    # batch is encoded form the next one. Two batches may run at once, on two threads (ONNX Runtime and torch
+    # release the GIL), so routing can use a second core.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
     async def _route_batched(self, items: list[tuple[str, float, float]]) -> list[RoutingDecision | Exception]:
         """Concurrent routing decisions share one encoder pass (Serve's dynamic batching). Items: (query, t,
         t_spill). If the batch fails, each item is routed alone, so one bad item fails only its own request."""

@@ -268,6 +268,9 @@ def main() -> None:
         print(f"peer logs: {servers.logs}")
         p = servers.start("llama-server", [str(py), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias",
                                            "smol", "--n_threads", "1", "--n_threads_batch", "1", "--n_ctx", "2048",
+                                           # its defaults print per-request timings and keep every logits row;
+                                           # coe's engine does neither
+                                           "--verbose", "False", "--logits_all", "False",
                                            "--host", "127.0.0.1", "--port", str(direct_port)])
         wait_http(f"http://127.0.0.1:{direct_port}/v1/models", 120, p)
         if has_litellm:
@@ -275,7 +278,7 @@ def main() -> None:
             litellm_config(cfg, direct_port)
             p = servers.start("litellm", [str(venv / "bin/litellm"), "--config", str(cfg), "--host", "127.0.0.1",
                                           "--port", str(litellm_port), "--num_workers", "1"],
-                              env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
+                              env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY_DISABLED": "true",
                                    "LITELLM_LOG": "ERROR", "DISABLE_SCHEMA_UPDATE": "True",
                                    # Open on loopback like coe here (no key on either side): a plain pass-through.
                                    "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true"})

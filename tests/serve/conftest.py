@@ -12,6 +12,7 @@ import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,7 +60,8 @@ def router(router_dir: Path):  # noqa: ANN201
 
 
 @pytest.fixture(scope="session")
-def coe_url(router_dir: Path, serve_redis: RedisServer) -> Iterator[str]:
+def coe_service(router_dir: Path, serve_redis: RedisServer) -> Iterator[dict[str, Any]]:
+    """The session's coe: start_local_serve's info (url, proxy_url, metrics_url, app_name)."""
     import ray
     from ray import serve
 
@@ -73,10 +75,9 @@ def coe_url(router_dir: Path, serve_redis: RedisServer) -> Iterator[str]:
     os.environ["COE_ADMIN_KEY"] = "coe-test-admin-" + secrets.token_hex(16)  # keys required, as in production
     try:
         # 3 logical CPUs: room for test_api_keys.py's second app (two small ingress replicas, one small expert).
-        info = start_local_serve(config, port=_free_port(), num_cpus=3, dashboard=False)
-        url = info["url"]
-        api.wait_ready(url)
-        yield url
+        info = start_local_serve(config, port=_free_port(), num_cpus=3, dashboard=False, metrics_port=_free_port())
+        api.wait_ready(info["url"])
+        yield info
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -85,6 +86,11 @@ def coe_url(router_dir: Path, serve_redis: RedisServer) -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def coe_url(coe_service: dict[str, Any]) -> str:
+    return str(coe_service["url"])
 
 
 @pytest.fixture(scope="session")

@@ -98,7 +98,7 @@ def auth_notice(host: str, *, insecure_no_auth: bool = False) -> str:
 def start_local_serve(
     config_ref: str | CoeConfig, *, port: int | None = None, num_cpus: int | None = None, dashboard: bool = True,
     log_to_driver: bool = True, insecure_no_auth: bool = False, metrics_port: int | None = None,
-    direct_ingress: bool = False, direct_port: int | None = None,
+    direct_ingress: bool = False, direct_port: int | None = None, metrics_interval_ms: int | None = None,
 ) -> dict[str, Any]:
     """Start a local Ray bound to loopback, deploy coe, wait until ready. Returns {url, app_name, auth,
     proxy_url, metrics_url}.
@@ -148,6 +148,8 @@ def start_local_serve(
     init_kw: dict[str, Any] = {}
     if metrics_port is not None:
         init_kw["_metrics_export_port"] = metrics_port
+    if metrics_interval_ms is not None:  # how often the processes report metrics (Ray's default: 10 s)
+        init_kw["_system_config"] = {"metrics_report_interval_ms": metrics_interval_ms}
     ray.init(
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
@@ -207,9 +209,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
+        from coe.config import load_config
+
+        direct = args.direct_ingress and load_config(args.config).server.ingress_autoscaling.max_replicas == 1
+        if args.direct_ingress and not direct:
+            print("[coe] several ingress replicas: answering through Serve's proxy (direct ingress serves one "
+                  "replica on the port; see the README)", flush=True)
         info = start_local_serve(args.config, port=args.port, num_cpus=args.num_cpus,
                                  insecure_no_auth=args.insecure_no_auth, metrics_port=args.metrics_port,
-                                 direct_ingress=args.direct_ingress)
+                                 direct_ingress=direct)
         ok = _wait_ready(info["url"], timeout=args.ready_timeout)
         print(f"coe is serving at {info['url']}/v1 ({'ready' if ok else 'NOT ready'} after {time.time() - t0:.1f}s)")
         print(f"  {info['auth']}")

@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from coe.errors import ConfigError
 
-STREAM_BATCH_MS_DEFAULT = 0.0  # set from scripts/bench_peers.py's streaming measurement (README)
+STREAM_BATCH_MS_DEFAULT = 0.0  # off: on the CPU engines it saved little (scripts/bench_stream_batching.py, README)
 
 AUTO_MODEL = "coe-auto"
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")

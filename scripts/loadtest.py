@@ -122,6 +122,7 @@ class RunData:
     load_samples: list[tuple[float, float]] = field(default_factory=list)  # (s from start, controller load signal)
     debt: dict[str, Any] = field(default_factory=dict)  # quality debt added during the run
     wall_s: float = 0.0
+    started_at: float = 0.0  # wall-clock time the schedule started
 
 
 def free_port() -> int:
@@ -227,7 +228,7 @@ async def run_once(name: str, url: str, shots: list[Shot], *, capped_t: float | 
     async with httpx.AsyncClient(limits=limits, timeout=request_timeout) as client:
         await wait_for_rest(client, url, resting)
         debt0 = (await controller_state(client, url)).get("quality_debt") or {}
-        data = RunData(name=name, outcomes=[Outcome(s) for s in shots])
+        data = RunData(name=name, outcomes=[Outcome(s) for s in shots], started_at=time.time())
         t_start = time.monotonic()
         outstanding = 0
         stop_sampling = asyncio.Event()
@@ -428,6 +429,9 @@ def main() -> int:
     ap.add_argument("--request-timeout", type=float, default=180.0)
     ap.add_argument("--drain-s", type=float, default=180.0, help="most seconds to wait for requests after sending")
     ap.add_argument("--runs", default="fixed,adaptive", help="which runs, in order")
+    ap.add_argument("--prometheus", action="store_true",
+                    help="run Debian's prometheus against coe's metrics port during the runs and plot its main "
+                         "series (route share, t, TTFT per expert) from Prometheus' query API: prometheus.png")
     ap.add_argument("--out", default="bench-results/loadtest")
     args = ap.parse_args()
     mix = {k: float(v) for k, v in (p.split("=") for p in args.mix.split(","))}
@@ -458,9 +462,18 @@ def main() -> int:
     slo_ms = args.slo_s * 1000.0
 
     print(f"[loadtest] starting Ray Serve with the load-test variant of {args.config} ...", flush=True)
-    info = start_local_serve(config, port=free_port(), dashboard=False, log_to_driver=False)
+    metrics_port = free_port() if args.prometheus else None
+    info = start_local_serve(config, port=free_port(), dashboard=False, log_to_driver=False,
+                             metrics_port=metrics_port, metrics_interval_ms=1000 if args.prometheus else None)
     url = info["url"]
+    prom = None
     try:
+        if args.prometheus:
+            from prometheus_local import LocalPrometheus
+
+            prom = LocalPrometheus([f"127.0.0.1:{metrics_port}"]).__enter__()
+            print(f"[loadtest] prometheus at {prom.url} scrapes {info['metrics_url']}", flush=True)
+            marks: list[tuple[float, str]] = []
         deadline = time.time() + 600
         while httpx.get(f"{url}/ready", timeout=10).status_code != 200:
             if time.time() > deadline:
@@ -499,12 +512,26 @@ def main() -> int:
                          mix, args.seed, args.max_requests)
         step = (args.warm_s, args.warm_s + args.step_s)
         data: list[RunData] = []
+        started = time.time()
         for name in runs:
             print(f"[loadtest] run '{name}': {len(shots)} requests", flush=True)
             data.append(asyncio.run(run_once(
                 name, url, shots, capped_t=resting if name == "fixed" else None, resting=resting,
                 request_timeout=args.request_timeout, drain_s=args.drain_s, max_outstanding=args.max_outstanding)))
+            if prom is not None:  # where the step starts and ends in this run (lines in the plot)
+                marks += [(data[-1].started_at + step[0], f"{name}: step"), (data[-1].started_at + step[1], "")]
+        if prom is not None:
+            time.sleep(12)  # the last scrapes and the 10 s rate windows
+            from prometheus_local import plot_series
+
+            png = out / "prometheus.png"
+            series = plot_series(prom, started, time.time(), png, f"coe in Prometheus during the load test "
+                                 f"({', '.join(runs)}; {args.config})", marks)
+            (out / "prometheus.json").write_text(json.dumps({"start": started, "marks": marks, "series": series}))
+            print(f"[loadtest] Prometheus' view: {png} (raw query results: {out / 'prometheus.json'})", flush=True)
     finally:
+        if prom is not None:
+            prom.__exit__()
         serve.shutdown()
         ray.shutdown()
 

@@ -4,6 +4,7 @@ artifact does offline, headers, POST /v1/route, per-request thresholds, batching
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -93,3 +94,17 @@ def test_concurrent_decisions_are_batched_and_match_the_artifact(coe_url: str, r
             assert d["expert"] == "translation" and d["reason"] == "best_predicted_quality", d
     assert sum(d["expert"] == "translation" for d in out) >= 4
     assert max(d["batch_size"] for d in out) > 1
+
+
+def test_a_repeated_text_skips_the_encoder_and_gets_the_same_decision(coe_url: str) -> None:
+    text = CODE_Q.replace("sorted list.", f"sorted list (run {time.time_ns()}).")  # new to this replica
+    first = api.post(f"{coe_url}/v1/route", json={"messages": [{"role": "user", "content": text}]}).json()
+    again = api.post(f"{coe_url}/v1/route", json={"messages": [{"role": "user", "content": text}]}).json()
+    assert "cached" not in first and again["cached"] is True and again["batch_size"] == 0
+    assert (again["expert"], again["reason"]) == (first["expert"], first["reason"])
+    assert again["scores"] == pytest.approx(first["scores"], abs=1e-6)
+    # The decision is made afresh: a request's own t still applies to a cached text.
+    loose = api.post(f"{coe_url}/v1/route", json={"model": "coe-auto@1", "messages": [
+        {"role": "user", "content": text}]}).json()
+    assert loose["cached"] is True and loose["threshold"] == 1.0
+    assert loose["expert"] == "translation"  # t = 1 admits every expert: the cheapest answers

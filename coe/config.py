@@ -512,6 +512,26 @@ class StrategiesConfig(StrictModel):
     sgd: SGDConfig = Field(default_factory=SGDConfig)
 
 
+class ConversationConfig(StrictModel):
+    """How coe-auto routes a conversation (chat requests with earlier turns), and keeps it on one expert."""
+
+    turns: int = Field(6, ge=1, le=64, description="Most recent user and assistant messages the routing looks at.")
+    decay: float = Field(
+        0.5, gt=0.0, le=1.0, description="Each message further back weighs this much less (the last user turn: 1). "
+        "The decision uses the weighted mean of the messages' embeddings (each under the encoder's length limit).")
+    assistant_weight: float = Field(0.5, ge=0.0, le=1.0, description="An assistant message's weight, relative.")
+    system_weight: float = Field(0.0, ge=0.0, le=1.0, description="The system prompt's weight (0: left out).")
+    sticky: bool = Field(True, description="Keep a conversation (a request with earlier turns, or an x-coe-session "
+                         "header) on the expert that answered it last while that expert's predicted quality is within "
+                         "t + switch_margin of the best; else it switches. Single questions are never held.")
+    switch_margin: float = Field(
+        0.05, ge=0.0, le=1.0, description="Predicted quality (the router's scale) beyond t by which the best expert "
+        "must beat the conversation's expert to take it over: the price of the lost prompt cache.")
+    session_ttl_s: float = Field(1800.0, gt=0.0, description="A conversation not seen for this long routes afresh.")
+    max_sessions: int = Field(100_000, ge=1, description="Conversations remembered per ingress replica without Redis "
+                              "(LRU); with COE_REDIS_URL they live in Redis, each with its TTL.")
+
+
 class CoeConfig(StrictModel):
     """The whole coe config."""
 
@@ -521,6 +541,7 @@ class CoeConfig(StrictModel):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     strategies: StrategiesConfig = Field(default_factory=StrategiesConfig)
+    conversations: ConversationConfig = Field(default_factory=ConversationConfig)
     experts: list[ExpertConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

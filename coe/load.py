@@ -151,7 +151,8 @@ class IngressLoad:
         debt = 0.0
         if best != decision.expert and decision.expert in decision.scores and best in decision.scores \
                 and not decision.reason.startswith(("fallback:", "team_restricted")) \
-                and not decision.extra.get("own_threshold"):
+                and not decision.extra.get("own_threshold") and "router_choice" not in decision.extra:
+            # (router_choice: a conversation kept on its expert; that quality is given up for its cache, not load)
             debt = quality_given_up({best: decision.scores[best], decision.expert: decision.scores[decision.expert]},
                                     decision.expert)
             if debt > 0:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from coe.config import ExpertConfig, RequestLimits
+from coe.config import ConversationConfig, ExpertConfig, RequestLimits
 from coe.engines.base import EnginePrompt, SamplingParams
 from coe.errors import InvalidRequestError, RequestTooLargeError
 
@@ -251,11 +251,34 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def query_text(self) -> str:
-        """The text the router looks at: the last user turn."""
+        """The last user turn (what a single question routes on, and what the decision log shows)."""
         for m in reversed(self.messages):
             if m.role == "user":
                 return m.text()
         raise InvalidRequestError("messages must contain a user message", param="messages")
+
+    def routed_text(self, conv: ConversationConfig) -> str | tuple[tuple[str, float], ...]:
+        """What coe-auto routes on. A request without earlier turns: its user turn, as a single question routes.
+        A conversation: its recent turns as (text, weight), the last user turn weighing 1 and each message before it
+        `conv.decay` times less (an assistant message also times `assistant_weight`), up to `conv.turns` messages;
+        the system prompt with `conv.system_weight` (0: left out). The router embeds each text and decides on the
+        weighted mean of the embeddings."""
+        last = max((i for i, m in enumerate(self.messages) if m.role == "user"), default=None)
+        if last is None:
+            raise InvalidRequestError("messages must contain a user message", param="messages")
+        turns: list[tuple[str, float]] = [(self.messages[last].text(), 1.0)]
+        weight = 1.0
+        earlier = [m for m in self.messages[:last] if m.role in ("user", "assistant")][::-1][: conv.turns - 1]
+        for m in earlier:
+            weight *= conv.decay
+            w = weight * (conv.assistant_weight if m.role == "assistant" else 1.0)
+            text = m.text()
+            if w > 0 and text.strip():
+                turns.append((text, w))
+        if conv.system_weight > 0:
+            turns += [(m.text(), conv.system_weight) for m in self.messages
+                      if m.role in ("system", "developer") and m.text().strip()]
+        return turns[0][0] if len(turns) == 1 else tuple(turns)
 
     def to_engine_prompt(self, expert: ExpertConfig) -> EnginePrompt:
         """Chat messages for chat-template experts; the filled template for base-model experts."""
@@ -284,6 +307,10 @@ class CompletionRequest(_SamplingRequest):
 
     def query_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def routed_text(self, conv: ConversationConfig) -> str | tuple[tuple[str, float], ...]:
+        """A completion has one prompt: it routes on it."""
+        return self.query_text()
 
     def to_engine_prompt(self, expert: ExpertConfig) -> EnginePrompt:
         text = self.query_text()

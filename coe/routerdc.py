@@ -30,7 +30,7 @@ import numpy as np
 from coe.control import Overflow, choose_within_threshold, spill_overflow
 from coe.encoder import Quantization, SentenceEncoder
 from coe.errors import RouterArtifactError
-from coe.routing import Router, RoutingDecision
+from coe.routing import RoutedText, Router, RoutingDecision, embed_routed, turn_texts
 from coe.stats import softmax
 
 ARTIFACT_VERSION = 2
@@ -179,10 +179,10 @@ class RouterDCRouter(Router):
     def fallback_expert(self) -> str | None:
         return self.model.params.fallback_expert
 
-    def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
+    def route_batch(self, queries: list[RoutedText], *, threshold: float | None = None) -> list[RoutingDecision]:
         return self.route_each(queries, [threshold] * len(queries))
 
-    def route_each(self, queries: list[str], thresholds: list[float | None],
+    def route_each(self, queries: list[RoutedText], thresholds: list[float | None],
                    penalties: dict[str, float] | None = None,
                    overflow: Overflow | None = None) -> list[RoutingDecision]:
         """One encoder pass for the batch; each query with its own threshold (None: the default)."""
@@ -191,20 +191,26 @@ class RouterDCRouter(Router):
         # at most its t_spill (never above its own cap): premium requests (cap 0) are never moved by load.
         return decide(self.model, self.embed(queries), t, penalties, overflow)
 
-    def embed(self, queries: list[str]) -> np.ndarray:
-        """The encoder's embeddings, from the cache where it holds the exact text (misses: one encoder pass)."""
-        rows = [self._cache.get(q) for q in queries]
-        missing = [i for i, r in enumerate(rows) if r is None]
-        if missing:
-            fresh = self.encoder.encode([queries[i] for i in missing])
-            for j, i in enumerate(missing):
-                rows[i] = fresh[j]
-                self._cache.put(queries[i], fresh[j])
-        return np.stack(rows)  # type: ignore[arg-type]
+    def embed(self, queries: list[RoutedText]) -> np.ndarray:
+        """The queries' embeddings (a conversation's: the weighted mean of its turns'), each text from the cache when
+        it holds the exact text; the misses in one encoder pass. A conversation's earlier turns were routed before,
+        so usually only its new turn is encoded."""
 
-    def is_cached(self, query: str) -> bool:
-        """Whether a decision for `query` needs no encoder pass."""
-        return self._cache.has(query)
+        def encode(texts: list[str]) -> list[np.ndarray]:
+            rows = [self._cache.get(t) for t in texts]
+            missing = [i for i, r in enumerate(rows) if r is None]
+            if missing:
+                fresh = self.encoder.encode([texts[i] for i in missing])
+                for j, i in enumerate(missing):
+                    rows[i] = fresh[j]
+                    self._cache.put(texts[i], fresh[j])
+            return rows  # type: ignore[return-value]
+
+        return embed_routed(encode, queries)
+
+    def is_cached(self, query: RoutedText) -> bool:
+        """Whether a decision for `query` needs no encoder pass (every text of it cached)."""
+        return all(self._cache.has(t) for t in turn_texts(query))
 
 
 class EmbeddingCache:

@@ -20,6 +20,37 @@ if TYPE_CHECKING:
     from coe.control import Overflow
 
 
+# A conversation's recent turns as (text, weight); a router decides on the weighted mean of their embeddings.
+Turns = tuple[tuple[str, float], ...]
+RoutedText = str | Turns
+
+
+def turn_texts(query: RoutedText) -> list[str]:
+    """The texts a routed query is made of."""
+    return [query] if isinstance(query, str) else [t for t, _ in query]
+
+
+def combine(query: RoutedText, rows: dict[str, np.ndarray]) -> np.ndarray:
+    """The query's embedding from its texts' (unit norm): a single text's own, a conversation's weighted mean,
+    normalised."""
+    if isinstance(query, str):
+        return rows[query]
+    v = sum(w * rows[t] for t, w in query)
+    return np.asarray(v / max(float(np.linalg.norm(v)), 1e-12), dtype=np.float32)
+
+
+def embed_routed(encode: Any, queries: list[RoutedText]) -> np.ndarray:
+    """Embeddings of routed queries with one `encode` call for their distinct texts."""
+    texts = list(dict.fromkeys(t for q in queries for t in turn_texts(q)))
+    rows = dict(zip(texts, encode(texts))) if texts else {}
+    return np.stack([combine(q, rows) for q in queries])
+
+
+def last_turn(query: RoutedText) -> str:
+    """The text a routed query leads with (its last user turn)."""
+    return query if isinstance(query, str) else query[0][0]
+
+
 @dataclass
 class RoutingDecision:
     """Which expert answers, and why."""
@@ -37,10 +68,10 @@ class Router(abc.ABC):
     """Picks one expert per query."""
 
     @abc.abstractmethod
-    def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
-        """Decisions for a batch of queries, in order."""
+    def route_batch(self, queries: list[RoutedText], *, threshold: float | None = None) -> list[RoutingDecision]:
+        """Decisions for a batch of queries (texts, or conversations' weighted turns), in order."""
 
-    def route_each(self, queries: list[str], thresholds: list[float | None],
+    def route_each(self, queries: list[RoutedText], thresholds: list[float | None],
                    penalties: dict[str, float] | None = None,
                    overflow: Overflow | None = None) -> list[RoutingDecision]:
         """Decisions for a batch where each query has its own threshold (routers without t ignore t, the load
@@ -52,7 +83,7 @@ class Router(abc.ABC):
         """Whether the cost/quality threshold t changes this router's decisions."""
         return False
 
-    def is_cached(self, query: str) -> bool:
+    def is_cached(self, query: RoutedText) -> bool:
         """Whether deciding `query` needs no encoder pass (a cache hit): the caller may decide it inline."""
         return False
 
@@ -61,7 +92,7 @@ class Router(abc.ABC):
         """The safe generalist uncertain queries go to (and the last candidate when calls fail)."""
         return None
 
-    def route(self, query: str, *, threshold: float | None = None) -> RoutingDecision:
+    def route(self, query: RoutedText, *, threshold: float | None = None) -> RoutingDecision:
         """The decision for one query."""
         return self.route_batch([query], threshold=threshold)[0]
 
@@ -89,12 +120,12 @@ class DegradedRouter(_ConfiguredRouter):
         super().__init__(experts, fallback_expert)
         self.why = why
 
-    def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
+    def route_batch(self, queries: list[RoutedText], *, threshold: float | None = None) -> list[RoutingDecision]:
         return [RoutingDecision(expert=self._fallback, scores={}, confidence=0.0,
                                 reason="fallback:router_unavailable") for _ in queries]
 
 
-def route_isolated(router: Router, queries: list[str], thresholds: list[float | None],
+def route_isolated(router: Router, queries: list[RoutedText], thresholds: list[float | None],
                    penalties: dict[str, float] | None = None,
                    overflow: Overflow | None = None) -> list[RoutingDecision | Exception]:
     """One decision per query, batched; if the batch fails, each query is routed alone, so a bad one yields its
@@ -137,8 +168,8 @@ class EmbeddingRouter(_ConfiguredRouter):
         self._refs = self._encoder.encode(texts)
         self._owner = np.asarray(owner)
 
-    def route_batch(self, queries: list[str], *, threshold: float | None = None) -> list[RoutingDecision]:
-        q = self._encoder.encode(queries)
+    def route_batch(self, queries: list[RoutedText], *, threshold: float | None = None) -> list[RoutingDecision]:
+        q = embed_routed(self._encoder.encode, queries)
         sims = q @ self._refs.T  # (n, refs)
         scores = np.full((len(queries), len(self._experts)), -1.0, dtype=np.float32)
         for k in range(len(self._experts)):

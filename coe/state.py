@@ -20,7 +20,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -106,6 +106,14 @@ class StateStore(abc.ABC):
         """The latest `n` decision records, oldest first."""
 
     @abc.abstractmethod
+    @abc.abstractmethod
+    async def get_session(self, key: str) -> str | None:
+        """The expert that answered conversation `key` last (None: unknown or expired)."""
+
+    @abc.abstractmethod
+    async def put_session(self, key: str, expert: str, ttl_s: float) -> None:
+        """Remember that `expert` answered conversation `key`, for `ttl_s` from now."""
+
     async def close(self) -> None:
         """Release connections (buffered counters are flushed if possible)."""
 
@@ -119,6 +127,7 @@ class InProcessStateStore(StateStore):
         decision_stream_max: int = 100_000,
         history_max: int = 1000,
         loads_ttl_s: float = 10.0,
+        max_sessions: int = 100_000,
         clock: Clock = time.time,
     ) -> None:
         self.loads_ttl_s = loads_ttl_s
@@ -131,6 +140,24 @@ class InProcessStateStore(StateStore):
         self._debt: dict[str, float] = {}
         self._decisions: deque[str] = deque(maxlen=decision_stream_max)
         self.dropped_decisions = 0
+        self.max_sessions = max_sessions
+        self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    async def get_session(self, key: str) -> str | None:
+        hit = self._sessions.get(key)
+        if hit is None:
+            return None
+        if hit[1] <= self._clock():
+            del self._sessions[key]
+            return None
+        self._sessions.move_to_end(key)
+        return hit[0]
+
+    async def put_session(self, key: str, expert: str, ttl_s: float) -> None:
+        self._sessions[key] = (expert, self._clock() + ttl_s)
+        self._sessions.move_to_end(key)
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
 
     async def get_threshold(self) -> ThresholdState | None:
         return None if self._threshold is None else ThresholdState.from_dict(self._threshold.to_dict())
@@ -257,6 +284,7 @@ class RedisStateStore(StateStore):
         self._decisions: list[dict[str, Any]] = []
         self._pending_debt: dict[str, list[float]] = {}  # expert -> [amount, requests]
         self.dropped_decisions = 0
+        self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()  # written while Redis was down
 
     # -- fault handling -----------------------------------------------------------------------
 
@@ -410,6 +438,22 @@ class RedisStateStore(StateStore):
         return {e: json.loads(_dumps(d)) for e, (d, exp) in self._loads.items() if exp > now}
 
     # -- quality debt -------------------------------------------------------------------------
+
+    async def get_session(self, key: str) -> str | None:
+        """From Redis; while it is down, from this replica's memory (what it wrote itself)."""
+        ok, val = await self._run(lambda r: r.get(f"{self.prefix}session:{key}"))
+        if ok:
+            return val
+        hit = self._sessions.get(key)
+        return hit[0] if hit is not None and hit[1] > self._clock() else None
+
+    async def put_session(self, key: str, expert: str, ttl_s: float) -> None:
+        ok, _ = await self._run(lambda r: r.set(f"{self.prefix}session:{key}", expert, px=max(1, int(ttl_s * 1000))))
+        if not ok:
+            self._sessions[key] = (expert, self._clock() + ttl_s)
+            self._sessions.move_to_end(key)
+            while len(self._sessions) > 10_000:
+                self._sessions.popitem(last=False)
 
     async def add_quality_debt(self, expert: str, amount: float) -> None:
         async def op(r: Any) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -336,6 +337,11 @@ class CoeIngress:
             from coe.state import make_state_store
 
             self.store = make_state_store(settings.redis_url)
+        from coe.state import InProcessStateStore, StateStore
+
+        # Which expert answered each conversation: shared in Redis across replicas, else in this replica.
+        self.sessions: StateStore = self.store if self.store is not None else InProcessStateStore(
+            max_sessions=self.config.conversations.max_sessions)
         self.m_requests = Counter("coe_requests", description="Requests answered, per expert.",
                                   tag_keys=("expert", "routed"))
         self.m_threshold = Gauge("coe_threshold", description="Threshold t this ingress replica applies.")
@@ -397,7 +403,7 @@ class CoeIngress:
         """Count the decision (coe.load) and its metrics; returns its decision-log record."""
         acc = self.load.account_decision(request_id, decision, query)
         self.m_route_ms.observe(decision.extra.get("route_ms", 0.0))
-        if "fallback:" in decision.reason:  # also behind a team_restricted(...) prefix
+        if "fallback:" in decision.reason and "router_choice" not in decision.extra:  # also behind team_restricted
             why = decision.reason.split("fallback:", 1)[1].split("(")[0]
             self.m_fallbacks.inc(tags={"reason": why})
         if acc.debt > 0:
@@ -504,11 +510,68 @@ class CoeIngress:
             decision.threshold = None
         return decision.expert, decision
 
-    async def _prepare(self, req: ChatCompletionRequest | CompletionRequest, principal: Principal) -> _Prepared:
-        query = req.query_text()
-        name, decision = await self._route(req.model, query, req.coe)
+    def _session_key(self, req: ChatCompletionRequest | CompletionRequest, principal: Principal,
+                     header: str | None) -> tuple[str, bool] | None:
+        """(conversation key, whether this request continues it). The key is the caller's `x-coe-session`, else a
+        hash of the first system and user messages; per API key (team), so no caller lands in another's
+        conversation. A request continues a conversation when it sends the header or earlier turns (an assistant
+        message before its last user turn); a single question only starts one, so identical independent questions
+        are never held together. None for completions."""
+        if header is not None:
+            if not 1 <= len(header) <= 256:
+                raise InvalidRequestError("x-coe-session must be 1 to 256 characters", param="x-coe-session")
+            basis, follow_up = f"h\0{principal.team}\0{principal.key_id}\0{header}", True
+        elif isinstance(req, ChatCompletionRequest):
+            first_user = next((m.text() for m in req.messages if m.role == "user"), "")
+            system = next((m.text() for m in req.messages if m.role in ("system", "developer")), "")
+            basis = f"m\0{principal.team}\0{principal.key_id}\0{system}\0{first_user}"
+            last = max(i for i, m in enumerate(req.messages) if m.role == "user")
+            follow_up = any(m.role == "assistant" for m in req.messages[:last])
+        else:
+            return None
+        return hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()[:40], follow_up
+
+    async def _stick(self, decision: RoutingDecision, session: tuple[str, bool] | None,
+                     principal: Principal) -> RoutingDecision:
+        """Keep a conversation on the expert that answered it last while that expert's predicted quality is within
+        t + switch_margin of the best (the margin prices the lost prompt cache); else take the decision. A decision
+        the load controller forced (load_shift, overflow) is followed for this turn without moving the conversation.
+        The reason says which: sticky(<expert>) or switch(<from>-><to>,<gain>)."""
+        conv = self.config.conversations
+        if session is None or not conv.sticky:
+            return decision
+        key, follow_up = session
+        prev = await self.sessions.get_session(key) if follow_up else None
+        chosen = decision.expert
+        if prev is None or prev not in self.experts or not principal.may_use(prev) or prev not in decision.scores:
+            await self.sessions.put_session(key, chosen, conv.session_ttl_s)
+            return decision
+        if "load_shift" in decision.reason or "overflow" in decision.reason:
+            decision.reason = f"{decision.reason};sticky_broken_this_turn({prev})"
+            return decision
+        if prev == chosen:
+            decision.reason = f"sticky({prev});{decision.reason}"
+            await self.sessions.put_session(key, prev, conv.session_ttl_s)
+            return decision
+        gap = max(decision.scores.values()) - decision.scores[prev]
+        gain = decision.scores.get(chosen, 0.0) - decision.scores[prev]
+        decision.extra["session_gain"] = round(gain, 4)
+        if gap > (decision.threshold or 0.0) + conv.switch_margin:
+            decision.reason = f"switch({prev}->{chosen},{gain:.3f});{decision.reason}"
+            await self.sessions.put_session(key, chosen, conv.session_ttl_s)
+            return decision
+        decision.extra["router_choice"] = chosen
+        decision.reason = f"sticky({prev});router:{decision.reason}"
+        decision.expert = prev
+        await self.sessions.put_session(key, prev, conv.session_ttl_s)
+        return decision
+
+    async def _prepare(self, req: ChatCompletionRequest | CompletionRequest, principal: Principal,
+                       session: str | None = None) -> _Prepared:
+        name, decision = await self._route(req.model, req.routed_text(self.config.conversations), req.coe)
         if decision is not None:
             decision = self.load.restrict(decision, principal.experts)
+            decision = await self._stick(decision, self._session_key(req, principal, session), principal)
             name = decision.expert
         self.auth.check_expert(principal, name)  # whatever chose it, never an expert the key may not use
         expert = self.experts[name]
@@ -622,7 +685,7 @@ class CoeIngress:
                     return response
                 coe_info = outcome  # the plan was refused: the request is routed, and the response says why
             try:
-                prep = await self._prepare(req, principal)
+                prep = await self._prepare(req, principal, request.headers.get("x-coe-session"))
             finally:
                 if admission is not None:
                     limit_headers = await admission
@@ -958,7 +1021,7 @@ class CoeIngress:
                                           param="model")
             admission = asyncio.ensure_future(self.auth.admit(principal))  # a decision counts as a request
             try:
-                _, d = await self._route(req.model, req.query_text(), req.coe)
+                _, d = await self._route(req.model, req.routed_text(self.config.conversations), req.coe)
             finally:
                 limit_headers = await admission
             assert d is not None

@@ -70,6 +70,7 @@ def coe_service(router_dir: Path, serve_redis: RedisServer) -> Iterator[dict[str
 
     config = load_config("cpu-default")
     config.router.artifact = str(router_dir)
+    config.conversations.session_ttl_s = 10.0  # short, so test_conversations_http.py sees a session expire
     previous = {k: os.environ.get(k) for k in ("COE_REDIS_URL", "COE_ADMIN_KEY")}
     os.environ["COE_REDIS_URL"] = serve_redis.url  # Ray's workers inherit the driver's environment at ray.init
     os.environ["COE_ADMIN_KEY"] = "coe-test-admin-" + secrets.token_hex(16)  # keys required, as in production

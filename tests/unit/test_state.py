@@ -223,3 +223,20 @@ async def test_a_report_is_written_in_one_round_trip(store: StateStore) -> None:
     assert [d["request_id"] for d in recent[-2:]] == ["r298", "r299"] and all("ts" in d for d in recent)
     if isinstance(store, RedisStateStore):  # the pool is bounded
         assert store._redis.connection_pool.max_connections == 32
+
+
+async def test_sessions_expire_and_are_shared(store: StateStore) -> None:
+    assert await store.get_session("conv-1") is None
+    await store.put_session("conv-1", "code", ttl_s=0.4)
+    assert await store.get_session("conv-1") == "code"
+    await store.put_session("conv-1", "general", ttl_s=0.4)  # a switch overwrites
+    assert await store.get_session("conv-1") == "general"
+    await asyncio.sleep(0.6)
+    assert await store.get_session("conv-1") is None  # expired: the conversation routes afresh
+
+
+async def test_in_process_sessions_are_bounded() -> None:
+    s = InProcessStateStore(max_sessions=2)
+    for i in range(3):
+        await s.put_session(f"c{i}", "code", ttl_s=60)
+    assert [await s.get_session(f"c{i}") for i in range(3)] == [None, "code", "code"]

@@ -153,6 +153,12 @@ class LlamaCppOptions(StrictModel):
         "and answer, and verify them in one batch. Pays where answers copy from the prompt (editing given code, "
         "translating names and numbers); 0 (the default): off. See the README's measurement.")
     prompt_lookup_ngram: int = Field(2, ge=1, le=8, description="Longest n-gram prompt lookup matches.")
+    prompt_cache_mb: int = Field(
+        256, ge=0, description="Keep the KV state of recent prompts and answers (at least prompt_cache_min_tokens "
+        "long) in this much RAM, LRU: a later request that starts with one of them (the next turn of a conversation, "
+        "after other requests came between) evaluates only what is new. llama.cpp itself reuses only the prefix of "
+        "the last request. 0: off.")
+    prompt_cache_min_tokens: int = Field(64, ge=1, description="Shorter sequences are not worth a saved state.")
     debug_stall_s: float = Field(
         0.0, ge=0.0, description="Testing only: each generation waits this long before its first token, as a "
         "hung replica would (the fault tests use it to check timeouts, retries and the stuck-replica health check).")

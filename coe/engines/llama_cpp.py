@@ -61,6 +61,8 @@ class LlamaCppEngine:
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{expert.name}")
         self._progress_at: float | None = None  # last token (or start) of the running generation; None: idle
+        mb = self._opts.prompt_cache_mb
+        self.prompt_cache = PromptCache(mb * 2**20, self._opts.prompt_cache_min_tokens) if mb > 0 else None
 
     @property
     def context_length(self) -> int:
@@ -189,6 +191,8 @@ class LlamaCppEngine:
         n = 0
         finish: FinishReason = "length"
         grammar = self.grammar(params.json_schema) if params.json_schema else None
+        if self.prompt_cache is not None:
+            self.prompt_cache.restore_longer_prefix(llm, tokens)
         for tok in llm.generate(
             tokens, top_k=0, top_p=params.top_p, min_p=0.0, temp=params.temperature, repeat_penalty=1.0,
             grammar=grammar,
@@ -217,6 +221,8 @@ class LlamaCppEngine:
         pending += decoder.decode(b"", final=True)
         if pending:
             emit(pending)
+        if self.prompt_cache is not None:
+            self.prompt_cache.save(llm)
         return n, finish
 
     async def stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[StreamChunk]:
@@ -298,3 +304,89 @@ class LlamaCppEngine:
         finally:
             self._lock.release()
         self._executor.shutdown(wait=False)
+
+
+class PromptCache:
+    """KV states of recent token sequences (a prompt and the answer generated after it), LRU within a byte budget.
+
+    Before a generation the engine restores the state whose tokens share the longest prefix with the new prompt,
+    when that beats what the context already holds; llama-cpp-python's generate() then evaluates only the rest.
+    A state is llama.cpp's own (llama_state_get_data: the used KV cells, ~23 KB a token for SmolLM2-135M); the
+    Python-side logits are not kept (restoring marks them stale, and generate() decodes at least one token).
+    Measured here (SmolLM2-135M, 1 thread): a 301-token state saves in 8.8 ms and loads in 7.1 ms, against 2.1 s
+    to evaluate those tokens.
+    """
+
+    def __init__(self, capacity_bytes: int, min_tokens: int = 64) -> None:
+        from collections import OrderedDict
+
+        self.capacity_bytes = capacity_bytes
+        self.min_tokens = min_tokens
+        self._states: OrderedDict[tuple[int, ...], bytes] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.restored_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    @staticmethod
+    def _common(a: Any, b: Any) -> int:
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    def restore_longer_prefix(self, llm: Any, tokens: list[int]) -> int:
+        """Load the saved state sharing the longest prefix with `tokens` if it shares more than the context holds
+        now (by at least min_tokens / 4). Returns the tokens it saved from evaluation (0: nothing restored)."""
+        import ctypes
+
+        import llama_cpp
+
+        have = self._common(llm._input_ids, tokens)
+        best, best_n = None, have
+        for key in self._states:
+            n = self._common(key, tokens)
+            if n > best_n:
+                best, best_n = key, n
+        if best is None or best_n - have < max(1, self.min_tokens // 4):
+            return 0
+        data = self._states[best]
+        self._states.move_to_end(best)
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_set_data(llm._ctx.ctx, buf, len(data)) != len(data):
+            return 0  # the context keeps what it had; generate() evaluates the whole prompt
+        llm.input_ids[: len(best)] = best
+        llm.n_tokens = len(best)
+        llm._requires_eval = True
+        self.hits += 1
+        self.restored_tokens += best_n - have
+        return best_n - have
+
+    def save(self, llm: Any) -> None:
+        """Keep the context's state under its token sequence (if long enough)."""
+        import ctypes
+
+        import llama_cpp
+
+        n = int(llm.n_tokens)
+        if n < self.min_tokens:
+            return
+        key = tuple(int(t) for t in llm._input_ids[:n])
+        size = llama_cpp.llama_state_get_size(llm._ctx.ctx)
+        if size > self.capacity_bytes:
+            return
+        buf = (ctypes.c_uint8 * size)()
+        used = int(llama_cpp.llama_state_get_data(llm._ctx.ctx, buf, size))
+        data = bytes(memoryview(buf)[:used])
+        # A saved sequence that this one extends is superseded by it.
+        for old in [k for k in self._states if len(k) <= len(key) and key[: len(k)] == k]:
+            self._bytes -= len(self._states.pop(old))
+        self._states[key] = data
+        self._bytes += len(data)
+        while self._bytes > self.capacity_bytes and self._states:
+            _, dropped = self._states.popitem(last=False)
+            self._bytes -= len(dropped)

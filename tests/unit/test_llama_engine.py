@@ -157,3 +157,41 @@ async def test_json_schema_constrains_even_a_tiny_model(engine: LlamaCppEngine) 
     with pytest.raises(InvalidRequestError, match="grammar"):
         await engine.generate(prompt, SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0,
                                                      json_schema='{"type": "object", "properties": 5}'))
+
+
+def _conversation(topic: str, turns: int) -> EnginePrompt:
+    msgs = [{"role": "system", "content": "You are a helpful, concise assistant. " * 4}]
+    for i in range(turns):
+        msgs.append({"role": "user", "content": f"Tell me fact number {i + 1} about {topic}, in one sentence."})
+        msgs.append({"role": "assistant", "content": f"Here is fact {i + 1} about {topic}: it is well known. " * 3})
+    msgs.append({"role": "user", "content": f"And one more about {topic}?"})
+    return EnginePrompt(messages=tuple(msgs))
+
+
+async def test_prompt_cache_resumes_a_conversation_after_another_came_between() -> None:
+    """Turn 2 of conversation A, after B was served: with the cache only the new turn is evaluated, and the answer
+    is the one a fresh evaluation gives (greedy)."""
+    expert = load_config("cpu-default").expert("general")
+    cached = LlamaCppEngine(expert)
+    plain = LlamaCppEngine(expert.model_copy(update={"llama_cpp": expert.llama_cpp.model_copy(
+        update={"prompt_cache_mb": 0})}))
+    await cached.start()
+    await plain.start()
+    assert cached.prompt_cache is not None and plain.prompt_cache is None
+    a1, b1, a2 = _conversation("the ocean", 2), _conversation("volcanoes", 2), _conversation("the ocean", 3)
+    params = SamplingParams(max_tokens=8, temperature=0.0, top_p=1.0)
+    for eng in (cached, plain):
+        await eng.generate(a1, params)
+        await eng.generate(b1, params)  # the context now holds B
+    assert len(cached.prompt_cache) >= 2
+    t0 = asyncio.get_running_loop().time()
+    got = await cached.generate(a2, params)
+    t_cached = asyncio.get_running_loop().time() - t0
+    t0 = asyncio.get_running_loop().time()
+    want = await plain.generate(a2, params)
+    t_plain = asyncio.get_running_loop().time() - t0
+    assert cached.prompt_cache.hits == 1 and cached.prompt_cache.restored_tokens >= 100
+    assert got.text == want.text and got.prompt_tokens == want.prompt_tokens
+    assert t_cached < t_plain, (t_cached, t_plain)  # 100+ tokens not evaluated again
+    await cached.shutdown()
+    await plain.shutdown()

@@ -250,6 +250,10 @@ class ExpertConfig(StrictModel):
         description="Requests waiting for a replica (per caller) before new ones get 429; -1: unbounded.",
     )
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    replica_affinity: bool | None = Field(
+        None, description="Send the turns of one conversation to the same replica of this expert while it takes them "
+        "(its prompt cache holds the conversation), else any replica (coe.affinity, a Ray Serve request router). "
+        "Default: on when the expert may have more than one replica.")
     stream_batch_ms: float = Field(
         STREAM_BATCH_MS_DEFAULT, ge=0.0, le=1000.0,
         description="Streamed answers: the deltas generated within this many ms leave the expert replica as one "

@@ -11,6 +11,8 @@ from coe.engines import EnginePrompt, SamplingParams, make_engine
 from coe.engines.base import collect
 from coe.metrics import ExpertMetrics, batch_stream
 
+AFFINITY_ROUTER = "coe.affinity:ConversationAffinityRouter"
+
 logger = logging.getLogger("ray.serve")
 
 
@@ -22,12 +24,21 @@ class ExpertServer:
         self.engine = make_engine(self.config)
         await self.engine.start()
         self.metrics = ExpertMetrics(self.config.name)
+        try:
+            from ray import serve
+
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 - outside a replica (tests)
+            self.replica_id = None
         self.batch_s = self.config.stream_batch_ms / 1000
 
-    async def generate(self, prompt: EnginePrompt, params: SamplingParams) -> dict[str, Any]:
-        """A whole completion: {text, prompt_tokens, completion_tokens, finish_reason}."""
+    async def generate(self, prompt: EnginePrompt, params: SamplingParams, affinity: str | None = None
+                       ) -> dict[str, Any]:
+        """A whole completion: {text, prompt_tokens, completion_tokens, finish_reason, replica}. `affinity` is read by
+        the caller's request router (coe.affinity), not here."""
         result = await collect(self.metrics.timed(self.engine.stream(prompt, params)))
         return {
+            "replica": self.replica_id,
             "text": result.text,
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
@@ -36,7 +47,8 @@ class ExpertServer:
             "logprob_min": result.logprob_min,
         }
 
-    async def stream(self, prompt: EnginePrompt, params: SamplingParams) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, prompt: EnginePrompt, params: SamplingParams, affinity: str | None = None
+                     ) -> AsyncIterator[dict[str, Any]]:
         """Deltas, those of one `stream_batch_ms` interval merged into one message; the last one carries
         finish_reason and the token counts."""
         async for chunk in batch_stream(self.metrics.timed(self.engine.stream(prompt, params)), self.batch_s):
@@ -77,4 +89,9 @@ def expert_deployment_options(expert: ExpertConfig) -> dict[str, Any]:
         opts["num_replicas"] = auto.min_replicas
     else:
         opts["autoscaling_config"] = auto.to_serve()
+    affinity = expert.replica_affinity if expert.replica_affinity is not None else auto.max_replicas > 1
+    if affinity:
+        from ray.serve.config import RequestRouterConfig
+
+        opts["request_router_config"] = RequestRouterConfig(request_router_class=AFFINITY_ROUTER)
     return opts

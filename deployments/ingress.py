@@ -138,6 +138,7 @@ class _Prepared:
     prompt: EnginePrompt
     params: SamplingParams
     decision: RoutingDecision | None
+    affinity: str | None = None  # the conversation's key: its turns go to one replica of an expert (coe.affinity)
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -569,9 +570,10 @@ class CoeIngress:
     async def _prepare(self, req: ChatCompletionRequest | CompletionRequest, principal: Principal,
                        session: str | None = None) -> _Prepared:
         name, decision = await self._route(req.model, req.routed_text(self.config.conversations), req.coe)
+        conversation = self._session_key(req, principal, session)
         if decision is not None:
             decision = self.load.restrict(decision, principal.experts)
-            decision = await self._stick(decision, self._session_key(req, principal, session), principal)
+            decision = await self._stick(decision, conversation, principal)
             name = decision.expert
         self.auth.check_expert(principal, name)  # whatever chose it, never an expert the key may not use
         expert = self.experts[name]
@@ -579,7 +581,8 @@ class CoeIngress:
         ignored = req.ignored_fields()
         if ignored:
             logger.info("ignoring unsupported request fields: %s", ignored)
-        return _Prepared(expert=expert, prompt=req.to_engine_prompt(expert), params=params, decision=decision)
+        return _Prepared(expert=expert, prompt=req.to_engine_prompt(expert), params=params, decision=decision,
+                         affinity=conversation[0] if conversation is not None else None)
 
     def _headers(self, prep: _Prepared, failed: list[str] | None = None,
                  record: dict[str, Any] | None = None) -> dict[str, str]:
@@ -620,11 +623,13 @@ class CoeIngress:
                 continue
         return out
 
-    async def _generate(self, expert: ExpertConfig, prompt: EnginePrompt, params: SamplingParams) -> dict[str, Any]:
-        """One non-streaming call, held to the expert's total timeout (GatewayTimeoutError), with load tracking."""
+    async def _generate(self, expert: ExpertConfig, prompt: EnginePrompt, params: SamplingParams,
+                        affinity: str | None = None) -> dict[str, Any]:
+        """One non-streaming call, held to the expert's total timeout (GatewayTimeoutError), with load tracking.
+        `affinity`: a conversation's key (its turns go to one replica while it takes them, coe.affinity)."""
         name = expert.name
         t0 = self.load.started(name)
-        response = self.handles[name].generate.remote(prompt, params)
+        response = self.handles[name].generate.remote(prompt, params, affinity=affinity)
         ok = False
         try:
             out = await asyncio.wait_for(response, expert.timeouts.total_s)
@@ -709,13 +714,16 @@ class CoeIngress:
             for i, (expert, prompt, params) in enumerate(attempts):
                 expert_name = expert.name
                 try:
-                    out = await self._generate(expert, prompt, params)
+                    out = await self._generate(expert, prompt, params, prep.affinity)
                     break
                 except Exception as exc:  # noqa: BLE001 - retried on the next candidate, or raised
                     if not self._retry(exc, expert.name, i, attempts, failed):
                         raise
-            prep = _Prepared(expert=expert, prompt=prompt, params=params, decision=prep.decision)
+            prep = _Prepared(expert=expert, prompt=prompt, params=params, decision=prep.decision,
+                             affinity=prep.affinity)
             headers = {**extra, **self._headers(prep, failed, record)}
+            if out.get("replica"):
+                headers["x-coe-replica"] = str(out["replica"])
             usage = Usage.of(out["prompt_tokens"], out["completion_tokens"])
             self._account_usage(principal, prep.expert, usage.total_tokens)
             self.m_requests.inc(tags={"expert": expert_name, "routed": str(prep.decision is not None).lower()})
@@ -752,7 +760,7 @@ class CoeIngress:
         for i, (expert, prompt, params) in enumerate(attempts):
             name = expert.name
             t0 = self.load.started(name)
-            gen = self.stream_handles[name].stream.remote(prompt, params)
+            gen = self.stream_handles[name].stream.remote(prompt, params, affinity=prep.affinity)
             try:
                 first = await asyncio.wait_for(gen.__anext__(), expert.timeouts.ttft_s)
             except StopAsyncIteration:
@@ -775,7 +783,7 @@ class CoeIngress:
                 done = True
                 self.load.finished(name, t0, ttft_ms)
 
-        prep = _Prepared(expert=expert, prompt=prompt, params=params, decision=prep.decision)
+        prep = _Prepared(expert=expert, prompt=prompt, params=params, decision=prep.decision, affinity=prep.affinity)
         headers = {**extra, **self._headers(prep, failed, record)}
         ttft = (time.time() - t0) * 1e3
         t_start = started if started is not None else time.perf_counter() - ttft / 1e3

@@ -42,3 +42,17 @@ def test_expert_options_carry_resources_and_autoscaling() -> None:
     assert ingress["autoscaling_config"]["min_replicas"] == 2
     fixed = expert_deployment_options(load_config("cpu-default").expert("code"))
     assert fixed["num_replicas"] == 1 and "autoscaling_config" not in fixed
+
+
+def test_replica_affinity_is_on_where_an_expert_may_have_several_replicas() -> None:
+    from coe.config import AutoscalingConfig
+    from deployments.expert import AFFINITY_ROUTER
+
+    one = load_config("cpu-default").expert("general")
+    assert "request_router_config" not in expert_deployment_options(one)
+    many = one.model_copy(update={"autoscaling": AutoscalingConfig(min_replicas=1, max_replicas=3)})
+    assert expert_deployment_options(many)["request_router_config"].request_router_class == AFFINITY_ROUTER
+    off = many.model_copy(update={"replica_affinity": False})
+    assert "request_router_config" not in expert_deployment_options(off)
+    forced = one.model_copy(update={"replica_affinity": True})
+    assert "request_router_config" in expert_deployment_options(forced)

@@ -31,6 +31,7 @@ from coe.load import IngressLoad
 from coe.metrics import LATENCY_BUCKETS_MS, TTFT_BUCKETS_MS, zero
 from coe.config import AUTO_MODEL, CoeConfig, ExpertConfig, RuntimeSettings
 from coe.control import ThresholdState
+from coe.conversations import stick
 from coe.engines import EnginePrompt, SamplingParams
 from coe.errors import (
     AuthenticationError,
@@ -543,28 +544,10 @@ class CoeIngress:
             return decision
         key, follow_up = session
         prev = await self.sessions.get_session(key) if follow_up else None
-        chosen = decision.expert
-        if prev is None or prev not in self.experts or not principal.may_use(prev) or prev not in decision.scores:
-            await self.sessions.put_session(key, chosen, conv.session_ttl_s)
-            return decision
-        if "load_shift" in decision.reason or "overflow" in decision.reason:
-            decision.reason = f"{decision.reason};sticky_broken_this_turn({prev})"
-            return decision
-        if prev == chosen:
-            decision.reason = f"sticky({prev});{decision.reason}"
-            await self.sessions.put_session(key, prev, conv.session_ttl_s)
-            return decision
-        gap = max(decision.scores.values()) - decision.scores[prev]
-        gain = decision.scores.get(chosen, 0.0) - decision.scores[prev]
-        decision.extra["session_gain"] = round(gain, 4)
-        if gap > (decision.threshold or 0.0) + conv.switch_margin:
-            decision.reason = f"switch({prev}->{chosen},{gain:.3f});{decision.reason}"
-            await self.sessions.put_session(key, chosen, conv.session_ttl_s)
-            return decision
-        decision.extra["router_choice"] = chosen
-        decision.reason = f"sticky({prev});router:{decision.reason}"
-        decision.expert = prev
-        await self.sessions.put_session(key, prev, conv.session_ttl_s)
+        usable = {n for n in self.experts if principal.may_use(n)}
+        decision, remember = stick(decision, prev, conv.switch_margin, usable)
+        if remember is not None:
+            await self.sessions.put_session(key, remember, conv.session_ttl_s)
         return decision
 
     async def _prepare(self, req: ChatCompletionRequest | CompletionRequest, principal: Principal,

@@ -59,3 +59,34 @@ def test_conversation_config_is_strict() -> None:
         ConversationConfig.model_validate({"decay": 0})
     with pytest.raises(ValidationError):
         ConversationConfig.model_validate({"sticky_margin": 0.1})
+
+
+def _decision(expert: str, reason: str = "best_predicted_quality", t: float = 0.0):  # noqa: ANN202
+    from coe.routing import RoutingDecision
+
+    return RoutingDecision(expert=expert, scores={"general": 0.30, "code": 0.42, "translation": 0.10},
+                           confidence=0.5, reason=reason, threshold=t)
+
+
+def test_stickiness_keeps_switches_and_yields_to_load() -> None:
+    from coe.conversations import stick
+
+    d, keep = stick(_decision("code"), None, 0.05)  # a new conversation: the decision, remembered
+    assert (d.expert, keep, d.reason) == ("code", "code", "best_predicted_quality")
+    d, keep = stick(_decision("code"), "code", 0.05)  # the router agrees
+    assert (d.expert, keep) == ("code", "code") and d.reason.startswith("sticky(code);")
+    # general is 0.12 below the best: within t + margin it stays, beyond it switches.
+    d, keep = stick(_decision("code", t=0.10), "general", 0.05)
+    assert (d.expert, keep) == ("general", "general") and d.reason.startswith("sticky(general);router:")
+    assert d.extra["router_choice"] == "code"  # not counted as load debt (coe.load)
+    d, keep = stick(_decision("code"), "general", 0.05)
+    assert (d.expert, keep) == ("code", "code") and d.reason.startswith("switch(general->code,0.120);")
+    # What the load controller forced stands for this turn; the conversation keeps its expert.
+    for reason in ("load_shift(t=0.1)", "overflow(t=0.2)"):
+        d, keep = stick(_decision("translation", reason), "code", 0.05)
+        assert (d.expert, keep) == ("translation", None) and d.reason.endswith("sticky_broken_this_turn(code)")
+    # An expert the caller may no longer use, or one without a score, is not kept.
+    d, keep = stick(_decision("code"), "general", 1.0, usable={"code", "translation"})
+    assert (d.expert, keep) == ("code", "code")
+    d, keep = stick(_decision("code"), "retired", 1.0)
+    assert (d.expert, keep) == ("code", "code")

@@ -63,7 +63,7 @@ from coe.protocol import (
     read_json_body,
 )
 from coe.routers import build_router
-from coe.routing import DegradedRouter, Router, RoutingDecision, route_isolated
+from coe.routing import DegradedRouter, RoutedText, Router, RoutingDecision, route_isolated
 from coe.strategies import Answer, StrategyResult
 
 logger = logging.getLogger("ray.serve")
@@ -461,17 +461,13 @@ class CoeIngress:
     # batch is encoded form the next one. Two batches may run at once, on two threads (ONNX Runtime and torch
     # release the GIL), so routing can use a second core.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, max_concurrent_batches=2)
-    async def _route_batched(self, items: list[tuple[str, float, float]]) -> list[RoutingDecision | Exception]:
+    async def _route_batched(self, items: list[tuple[RoutedText, float, float]]) -> list[RoutingDecision | Exception]:
         """Concurrent routing decisions share one encoder pass (Serve's dynamic batching). Items: (query, t,
         t_spill). If the batch fails, each item is routed alone, so one bad item fails only its own request."""
         loop = asyncio.get_running_loop()
-        queries, thresholds = [q for q, _, _ in items], [t for _, t, _ in items]
-        penalties = self.load.routing_penalties()
-        overflow = self.load.overflow([ts for _, _, ts in items]) if any(ts > t for _, t, ts in items) else None
+        decide = self._decider(items)
         t0 = time.perf_counter()
-
-        decisions = await loop.run_in_executor(
-            None, lambda: route_isolated(self.router, queries, list(thresholds), penalties, overflow))
+        decisions = await loop.run_in_executor(None, decide)
         ms = (time.perf_counter() - t0) * 1e3
         for d in decisions:
             if isinstance(d, RoutingDecision):
@@ -479,7 +475,15 @@ class CoeIngress:
                 d.extra["batch_size"] = len(items)
         return decisions
 
-    async def _route(self, model: str, query: str, options: CoeOptions | None = None
+    def _decider(self, items: list[tuple[RoutedText, float, float]]) -> Callable[[], list[RoutingDecision | Exception]]:
+        """The decisions for (query, t, t_spill) items under the load's current penalties and overflow rule, as a call
+        to make here or in a thread."""
+        queries, thresholds = [q for q, _, _ in items], [t for _, t, _ in items]
+        penalties = self.load.routing_penalties()
+        overflow = self.load.overflow([ts for _, _, ts in items]) if any(ts > t for _, t, ts in items) else None
+        return lambda: route_isolated(self.router, queries, list(thresholds), penalties, overflow)
+
+    async def _route(self, model: str, query: RoutedText, options: CoeOptions | None = None
                      ) -> tuple[str, RoutingDecision | None]:
         if model in self.experts:
             return model, None
@@ -496,8 +500,7 @@ class CoeIngress:
         if self.router.is_cached(query):
             # The embedding is cached: a decision is a few vector operations, made here without the batch wait
             # or a thread hop (t, load penalties and overflow are applied afresh).
-            overflow = self.load.overflow([t_spill]) if t_spill > threshold else None
-            decision = route_isolated(self.router, [query], [threshold], self.load.routing_penalties(), overflow)[0]
+            decision = self._decider([(query, threshold, t_spill)])()[0]
             if isinstance(decision, RoutingDecision):
                 decision.extra["batch_size"] = 0
                 decision.extra["cached"] = True

@@ -49,16 +49,21 @@ class ExpertServer:
 
     async def stream(self, prompt: EnginePrompt, params: SamplingParams, affinity: str | None = None
                      ) -> AsyncIterator[dict[str, Any]]:
-        """Deltas, those of one `stream_batch_ms` interval merged into one message; the last one carries
-        finish_reason and the token counts."""
+        """Deltas, those of one `stream_batch_ms` interval merged into one message; the first one names the
+        replica, the last one carries finish_reason and the token counts."""
+        first = True
         async for chunk in batch_stream(self.metrics.timed(self.engine.stream(prompt, params)), self.batch_s):
-            yield {
+            item = {
                 "text": chunk.text,
                 "finish_reason": chunk.finish_reason,
                 "prompt_tokens": chunk.prompt_tokens,
                 "completion_tokens": chunk.completion_tokens,
                 **chunk.extra,
             }
+            if first:
+                item["replica"] = self.replica_id
+                first = False
+            yield item
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy."""

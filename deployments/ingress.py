@@ -771,6 +771,8 @@ class CoeIngress:
 
         prep = _Prepared(expert=expert, prompt=prompt, params=params, decision=prep.decision, affinity=prep.affinity)
         headers = {**extra, **self._headers(prep, failed, record)}
+        if first and first.get("replica"):
+            headers["x-coe-replica"] = str(first["replica"])
         ttft = (time.time() - t0) * 1e3
         t_start = started if started is not None else time.perf_counter() - ttft / 1e3
         self.m_ttft.observe((time.perf_counter() - t_start) * 1e3, tags={"expert": name})

@@ -3,6 +3,7 @@ replica when that one dies. An extra app beside the session's: one SmolLM2 exper
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,11 +27,16 @@ def two_replicas(coe_url: str) -> Iterator[str]:
         yield url
 
 
-def _turn(url: str, first: str, turns: int, session: str | None = None) -> str:
-    """Send turn `turns` of a conversation (pinned to `general`); the replica that answered."""
+def _messages(first: str, turns: int) -> list[dict[str, str]]:
     msgs = [{"role": "user", "content": first}]
     for i in range(turns - 1):
         msgs += [{"role": "assistant", "content": f"Answer {i}."}, {"role": "user", "content": f"And then {i}?"}]
+    return msgs
+
+
+def _turn(url: str, first: str, turns: int, session: str | None = None) -> str:
+    """Send turn `turns` of a conversation (pinned to `general`); the replica that answered."""
+    msgs = _messages(first, turns)
     headers = {"x-coe-session": session} if session else {}
     r = api.post(f"{url}/v1/chat/completions", json={"model": "general", "messages": msgs, "max_tokens": 2},
                  headers=headers, timeout=120)
@@ -49,10 +55,23 @@ def _replicas(app: str, deployment: str) -> dict[str, object]:
     return out
 
 
+def _streamed_turn(url: str, first: str, turns: int) -> str:
+    """Like _turn, streamed through the openai client: the replica named by the stream's headers."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key=os.environ["COE_ADMIN_KEY"], max_retries=0, timeout=120)
+    raw = client.chat.completions.with_raw_response.create(model="general", messages=_messages(first, turns),
+                                                           max_tokens=2, stream=True)
+    chunks = list(raw.parse())
+    assert chunks and chunks[0].model == "general"
+    return raw.headers["x-coe-replica"]
+
+
 def test_a_conversation_keeps_its_replica_and_conversations_spread(two_replicas: str) -> None:
     first = f"Tell me about the sea ({uuid.uuid4().hex[:6]})."
     seen = {_turn(two_replicas, first, n) for n in range(1, 5)}
     assert len(seen) == 1, seen
+    assert _streamed_turn(two_replicas, first, 5) in seen  # a streamed turn goes there too, and says so
     spread = {_turn(two_replicas, f"Question {uuid.uuid4().hex}", 1) for _ in range(10)}
     assert len(spread) == 2, spread  # ten conversations over two replicas: both used
 
@@ -73,6 +92,12 @@ def test_affinity_falls_back_to_another_replica_when_its_replica_dies(two_replic
     while len(_replicas("coe-affinity", "general")) < 2 and time.time() < deadline:
         time.sleep(1)
     api.wait_ready(two_replicas)
+    # The new replica exists before the ingress's request router knows it (Serve's long poll): wait until fresh
+    # conversations are answered by two replicas again.
+    seen: set[str] = set()
+    while len(seen) < 2 and time.time() < deadline:
+        seen.add(_turn(two_replicas, f"Question {uuid.uuid4().hex}", 1))
+    assert len(seen) == 2, seen
     # With both replicas back, the conversation has one replica again, whichever the hash now picks.
     again = {_turn(two_replicas, first, n, sid) for n in (4, 5, 6)}
     assert len(again) == 1, again

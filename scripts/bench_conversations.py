@@ -11,7 +11,8 @@ A RouterDC router is trained on the profile's train split; conversations from th
 margin (the largest whose mean turn accuracy stays within one paired standard error of the most accurate margin's:
 keep conversations on their expert, and their prompt cache, as long as quality allows), those from the test split
 are reported: switch rate (turns 2+ answered by another expert than the turn before) and accuracy per turn.
-Time to first token with replica affinity and the prompt cache needs the live service and is not measured here.
+Time to first token with replica affinity and the prompt cache needs the live service:
+scripts/bench_conversations_live.py.
 
     .venv/bin/python scripts/bench_conversations.py [--profile router_models/profiles/cpu-default] [--conversations 300]
 """

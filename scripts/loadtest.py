@@ -503,7 +503,7 @@ def main() -> int:
         replicas = {e.name: max(1, e.autoscaling.min_replicas) for e in config.experts}
         cap = replicas[premium] / svc[premium]
         low, high = args.low * cap / demand[premium], args.high * cap / demand[premium]
-        print(f"[loadtest] service time (mean over the mix's prompts, one at a time): "
+        print("[loadtest] service time (mean over the mix's prompts, one at a time): "
               + ", ".join(f"{e} {svc[e] * 1000:.0f} ms" for e in experts))
         print(f"[loadtest] premium expert {premium}: capacity {cap:.2f} req/s, demand share {demand[premium]:.2f}; "
               f"schedule {low:.2f} -> {high:.2f} -> {low:.2f} req/s "

@@ -537,11 +537,12 @@ class CoeIngress:
         return hashlib.sha256(basis.encode("utf-8", "surrogatepass")).hexdigest()[:40], follow_up
 
     async def _stick(self, decision: RoutingDecision, session: tuple[str, bool] | None,
-                     principal: Principal) -> RoutingDecision:
+                     principal: Principal, record: bool = True) -> RoutingDecision:
         """Keep a conversation on the expert that answered it last while that expert's predicted quality is within
         t + switch_margin of the best (the margin prices the lost prompt cache); else take the decision. A decision
         the load controller forced (load_shift, overflow) is followed for this turn without moving the conversation.
-        The reason says which: sticky(<expert>) or switch(<from>-><to>,<gain>)."""
+        The reason says which: sticky(<expert>) or switch(<from>-><to>,<gain>). `record` False (/v1/route): the
+        session is read, not updated."""
         conv = self.config.conversations
         if session is None or not conv.sticky:
             return decision
@@ -549,7 +550,7 @@ class CoeIngress:
         prev = await self.sessions.get_session(key) if follow_up else None
         usable = {n for n in self.experts if principal.may_use(n)}
         decision, remember = stick(decision, prev, conv.switch_margin, usable)
-        if remember is not None:
+        if remember is not None and record:
             await self.sessions.put_session(key, remember, conv.session_ttl_s)
         return decision
 
@@ -1022,6 +1023,10 @@ class CoeIngress:
                 limit_headers = await admission
             assert d is not None
             d = self.load.restrict(d, principal.experts)
+            # What the chat endpoint would decide for this turn, its conversation's expert included; asking does
+            # not move the conversation.
+            conversation = self._session_key(req, principal, request.headers.get("x-coe-session"))
+            d = await self._stick(d, conversation, principal, record=False)
             payload = {"expert": d.expert, "scores": d.scores, "confidence": round(d.confidence, 4), "ood": d.ood,
                        "threshold": d.threshold, "reason": d.reason,
                        "route_ms": round(d.extra["route_ms"], 3),

@@ -72,3 +72,24 @@ def test_a_session_header_names_the_conversation(client: Any) -> None:
     with pytest.raises(Exception) as err:
         _ask(client, [q], extra_headers={"x-coe-session": "x" * 300})
     assert getattr(err.value, "status_code", None) == 400
+
+
+def test_the_route_endpoint_decides_for_the_conversation_without_moving_it(client: Any, coe_url: str) -> None:
+    from tests.serve import api
+
+    sid = {"x-coe-session": f"conv-{uuid.uuid4().hex}"}
+    expert, _, _ = _ask(client, [{"role": "user", "content": ASK.format(uuid.uuid4().hex[:8])}], extra_headers=sid)
+    assert expert == "code"
+
+    def route(text: str) -> dict[str, Any]:
+        r = api.post(f"{coe_url}/v1/route", json={"messages": [{"role": "user", "content": text}]}, headers=sid)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    d = route(FOLLOW_UP)
+    assert (d["expert"], d["reason"].split(";")[0]) == ("code", "sticky(code)"), d
+    d = route(GERMAN)
+    assert d["expert"] == "translation" and d["reason"].startswith("switch(code->translation,"), d
+    # Asking was not a turn: the conversation is still on code.
+    e2, r2, _ = _ask(client, [{"role": "user", "content": FOLLOW_UP}], extra_headers=sid)
+    assert (e2, r2.split(";")[0]) == ("code", "sticky(code)"), r2

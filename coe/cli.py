@@ -218,7 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         info = start_local_serve(args.config, port=args.port, num_cpus=args.num_cpus,
                                  insecure_no_auth=args.insecure_no_auth, metrics_port=args.metrics_port,
                                  direct_ingress=direct)
-        ok = _wait_ready(info["url"], timeout=args.ready_timeout)
+        ok = wait_ready(info["url"], timeout=args.ready_timeout)
         print(f"coe is serving at {info['url']}/v1 ({'ready' if ok else 'NOT ready'} after {time.time() - t0:.1f}s)")
         print(f"  {info['auth']}")
         if info["direct_ingress"]:
@@ -241,17 +241,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_ready(url: str, timeout: float) -> bool:
+def wait_ready(url: str, timeout: float, path: str = "/ready", poll_s: float = 0.5) -> bool:
+    """Poll GET url+path until it answers 200 (True) or `timeout` seconds pass (False)."""
     import httpx
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
                 return True
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(poll_s)
     return False
 
 

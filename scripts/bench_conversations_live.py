@@ -138,7 +138,7 @@ def serve_variant(name: str, conv_overrides: dict[str, Any], affinity: bool, pro
     import ray
     from ray import serve
 
-    from coe.cli import free_port, start_local_serve
+    from coe.cli import free_port, start_local_serve, wait_ready
     from coe.config import AutoscalingConfig, load_config
 
     config = load_config(args.config)
@@ -156,14 +156,8 @@ def serve_variant(name: str, conv_overrides: dict[str, Any], affinity: bool, pro
     info = start_local_serve(config, port=free_port(), num_cpus=8, dashboard=False, log_to_driver=False,
                              direct_ingress=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{info['url']}/ready", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        if not wait_ready(info["url"], 300):
+            raise SystemExit(f"{name}: coe was not ready within 300 s (Ray's logs: /tmp/ray/session_latest/logs)")
         bar.set_description(name)
         return asyncio.run(run_variant(info["url"], convs, args.window, args.max_tokens, bar))
     finally:
